@@ -1,0 +1,43 @@
+# One way in: `make test` and `make demo` work on a fresh machine (they create .venv, install, build).
+#   UE_BUILD_CUDA=0 make test   skips the CUDA kernels for fast local iteration
+#   UE_BUILD_CUDA=1 make test   requires them (CI)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UE_BUILD_CUDA ?= auto
+export UE_BUILD_CUDA
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
+SOURCES := setup.py $(shell find csrc -type f)
+
+.PHONY: build test bench demo info clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	rm -f $(VENV)/.built-cuda-*
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m pytest bench -q -s --benchmark-columns=min,mean,rounds
+
+demo: build
+	$(VENV)/bin/unlearn-engine demo
+
+info: build
+	$(VENV)/bin/unlearn-engine info
+
+clean:
+	rm -rf build *.egg-info unlearn_engine/_C*.so $(VENV)/.built-cuda-*

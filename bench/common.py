@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: machine description, peak-memory probes, result rows -> table + JSON."""
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                python=platform.python_version(), cpu=cpu, cpu_threads=torch.get_num_threads(),
+                device="cpu")
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name())
+    return info
+
+
+def device_tag() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        return next((tag for tag in ("h200", "h100", "a100", "l40") if tag in name), "gpu")
+    return "cpu"
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def probe_in_subprocess(module: str, args: list) -> dict:
+    """Run `python -m module args` (a memory probe that prints one JSON line) in a fresh process,
+    so the peak RSS it reports belongs to that one computation."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                         cwd=root, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+class Results:
+    """Rows of one benchmark family; ratios are taken against the row whose impl is `baseline`."""
+
+    def __init__(self, family: str, baseline: str):
+        self.family, self.baseline, self.rows = family, baseline, []
+
+    def add(self, **row):
+        self.rows.append(row)
+
+    def with_ratios(self):
+        keyed = {}
+        for row in self.rows:
+            keyed.setdefault(row["case"], {})[row["impl"]] = row
+        out = []
+        for case, impls in keyed.items():
+            base = impls.get(self.baseline)
+            for impl, row in impls.items():
+                row = dict(row)
+                if base:
+                    row["time_ratio"] = row["time_s"] / base["time_s"]
+                    if row.get("peak_extra_mb") is not None and base.get("peak_extra_mb"):
+                        row["memory_ratio"] = row["peak_extra_mb"] / base["peak_extra_mb"]
+                out.append(row)
+        return out
+
+    def table(self) -> str:
+        rows = self.with_ratios()
+        cols = ["case", "impl", "time_s", "time_ratio", "peak_extra_mb", "memory_ratio"]
+        extra = sorted({k for r in rows for k in r} - set(cols) - {"shape"})
+        cols += extra
+
+        def fmt(v):
+            return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+        cells = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return f"[{self.family}] ratios are against '{self.baseline}'\n" + "\n".join(lines)
+
+    def write(self) -> str:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        info = machine()
+        path = os.path.join(RESULTS_DIR, f"{info['date']}-{device_tag()}-{self.family}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(family=self.family, baseline=self.baseline, machine=info, results=self.with_ratios()),
+                      f, indent=2)
+        os.replace(tmp, path)
+        return path

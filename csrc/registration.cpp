@@ -1,0 +1,58 @@
+// The one place where unlearn_engine's operators are declared (TORCH_LIBRARY) and where the
+// Python module unlearn_engine._C reports how it was built. Kernels register their CPU/CUDA
+// implementations next to their sources with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifdef WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef UE_VERSION
+#define UE_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(unlearn_engine, m) {
+  // Family 1: fused per-sample unlearning loss (csrc/unlearning_loss).
+  m.def("fused_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
+        "Tensor? ref_weight, Tensor? ref_bias, int chunk_size) -> (Tensor logp, Tensor kl)");
+  m.def("fused_logprob_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
+        "Tensor? ref_weight, Tensor? ref_bias, Tensor grad_logp, Tensor? grad_kl, int chunk_size) "
+        "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def("fused_linear_objective(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
+        "Tensor? ref_weight, Tensor? ref_bias, Tensor coef_logp, Tensor? coef_kl, int chunk_size) "
+        "-> (Tensor loss, Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def("rmu_loss(Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, float alpha) -> Tensor");
+  m.def("rmu_loss_backward(Tensor grad, Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, "
+        "float alpha) -> (Tensor grad_forget, Tensor grad_retain)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = UE_VERSION;
+#ifdef WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_arch_list"] = UE_CUDA_ARCH_LIST;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "unlearn_engine native kernels (operators live under torch.ops.unlearn_engine)";
+  m.def("build_info", &build_info, "How this extension was built: version, CUDA, arch list, OpenMP.");
+}

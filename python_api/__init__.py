@@ -1,0 +1,1 @@
+"""The thin high-level layer (installed as unlearn_engine.api): command line, model loading, loops."""

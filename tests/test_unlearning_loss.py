@@ -1,0 +1,274 @@
+"""Fused unlearning loss vs the eager reference: values and gradients, odd shapes, all objectives."""
+import itertools
+
+import pytest
+import torch
+
+import unlearn_engine as ue
+from unlearn_engine.reference import unlearning_loss_reference
+
+from conftest import DEVICES
+
+N, H, V = 37, 61, 1031
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+       torch.float16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def make_case(device="cpu", dtype=torch.float32, n=N, h=H, v=V, roles=(0, 1, 1, 0, 2), with_bias=True,
+              empty_sample=3):
+    """Tokens spread over len(roles) samples; ~20% ignored labels; sample `empty_sample` has no labels."""
+    g = torch.Generator().manual_seed(1234)
+    b = len(roles)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h ** 0.5
+    bias = torch.randn(v, generator=g) * 0.1 if with_bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.2] = -100
+    sample_index = torch.randint(0, b, (n,), generator=g).sort().values
+    if empty_sample is not None and b > empty_sample:
+        labels[sample_index == empty_sample] = -100
+    case = dict(hidden=hidden, weight=weight, labels=labels, sample_index=sample_index,
+                roles=torch.tensor(roles, dtype=torch.int64), bias=bias,
+                ref_hidden=hidden + 0.3 * torch.randn(n, h, generator=g),
+                ref_weight=weight + 0.05 * torch.randn(v, h, generator=g),
+                ref_logp=-torch.rand(b, generator=g) * 3)
+    out = {}
+    for k, t in case.items():
+        if t is None:
+            out[k] = None
+        elif t.is_floating_point() and k != "ref_logp":
+            out[k] = t.to(device=device, dtype=dtype)
+        else:
+            out[k] = t.to(device)
+    return out
+
+
+def run(fn, case, grad_scale=1.0, **options):
+    """Loss + grads of hidden, weight, bias (inputs cloned so both sides start equal)."""
+    inputs = {k: (v.detach().clone().requires_grad_(k in ("hidden", "weight", "bias")) if v is not None else None)
+              for k, v in case.items()}
+    if options.get("forget") != "npo":
+        inputs.pop("ref_logp")
+    if options.get("retain") != "kl":
+        inputs.pop("ref_hidden"), inputs.pop("ref_weight")
+    loss, per_sample, logp = fn(**inputs, **options)
+    (loss * grad_scale).backward()
+    grads = [inputs[k].grad if inputs[k] is not None else None for k in ("hidden", "weight", "bias")]
+    return loss.detach(), per_sample.detach(), logp.detach(), grads
+
+
+def reference(case, **options):
+    options = dict(options)
+    options.pop("chunk_size", None)
+    up = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    return run(unlearning_loss_reference, up, **options)
+
+
+def assert_matches(fused, ref, dtype):
+    tol = TOL[dtype]
+    for name, a, b in zip(("loss", "per_sample", "logp"), fused[:3], ref[:3]):
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a.float(), b, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+    for name, a, b in zip(("grad hidden", "grad weight", "grad bias"), fused[3], ref[3]):
+        if b is None:
+            assert a is None, name
+            continue
+        scale = b.abs().max().item() or 1.0
+        torch.testing.assert_close(a.float(), b, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+
+
+OBJECTIVES = list(itertools.product(["ga", "npo"], ["nll", "kl", None]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("forget,retain", OBJECTIVES)
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_matches_reference_fp32(device, forget, retain, length_normalize):
+    case = make_case(device)
+    options = dict(forget=forget, retain=retain, length_normalize=length_normalize, beta=0.3,
+                   forget_weight=0.7, retain_weight=1.3)
+    fused = run(ue.unlearning_loss, case, grad_scale=2.5, chunk_size=7, **options)
+    assert_matches(fused, reference(case, grad_scale=2.5, **options), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 36, 37, 1000, None])
+def test_chunk_sizes_agree(device, chunk_size):
+    case = make_case(device)
+    ref = reference(case, forget="npo", retain="kl")
+    assert_matches(run(ue.unlearning_loss, case, forget="npo", retain="kl", chunk_size=chunk_size), ref,
+                   torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl"), ("ga", "kl")])
+def test_matches_reference_low_precision(device, dtype, forget, retain):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 GEMMs on CPU are not a supported configuration of the vendor BLAS")
+    case = make_case(device, dtype)
+    options = dict(forget=forget, retain=retain, beta=0.5)
+    assert_matches(run(ue.unlearning_loss, case, chunk_size=8, **options), reference(case, **options), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_forget_group_and_no_bias(device):
+    case = make_case(device, roles=(1, 2, 1, 1), with_bias=False)
+    for forget, retain in OBJECTIVES:
+        options = dict(forget=forget, retain=retain)
+        assert_matches(run(ue.unlearning_loss, case, **options), reference(case, **options), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_without_labels_contributes_zero(device):
+    case = make_case(device, roles=(0, 1, 0, 0), empty_sample=3)
+    loss, per_sample, logp, _ = run(ue.unlearning_loss, case, forget="npo", retain="nll")
+    assert per_sample[3].item() == 0.0 and logp[3].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_tokens(device):
+    case = make_case(device, n=0, roles=(0, 1))
+    loss, per_sample, logp, grads = run(ue.unlearning_loss, case, forget="ga", retain="nll")
+    assert loss.item() == 0.0 and per_sample.tolist() == [0.0, 0.0]
+    assert grads[0].shape == (0, H) and grads[1].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_npo_outputs_are_differentiable(device):
+    """On the recompute path, gradients through per_sample and logp are exact too."""
+    case = make_case(device)
+
+    def combined(fn, **inputs):
+        loss, per_sample, logp = fn(**inputs)
+        return loss * 0.5 + (per_sample * torch.arange(5.0, device=device)).sum() + 0.1 * logp.sum(), per_sample, logp
+
+    fused = run(lambda **kw: combined(ue.unlearning_loss, **kw), case, forget="npo", retain="kl")
+    up = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    ref = run(lambda **kw: combined(unlearning_loss_reference, **kw), up, forget="npo", retain="kl")
+    assert_matches(fused, ref, torch.float32)
+
+
+def test_gradient_matches_finite_differences_float64_free():
+    """torch.autograd.gradcheck-style check on the general path with a tiny case (fp32, central differences)."""
+    case = make_case(n=6, h=5, v=11, roles=(0, 1))
+    hidden = case["hidden"].clone().requires_grad_()
+    fn = lambda h: ue.unlearning_loss(h, case["weight"], case["labels"], case["sample_index"], case["roles"],
+                                      forget="npo", retain="nll", ref_logp=case["ref_logp"], beta=0.4).loss
+    fn(hidden).backward()
+    eps = 1e-2
+    numeric = torch.zeros_like(hidden)
+    for i in range(hidden.numel()):
+        d = torch.zeros_like(hidden).view(-1)
+        d[i] = eps
+        numeric.view(-1)[i] = (fn(hidden.detach() + d.view_as(hidden)) - fn(hidden.detach() - d.view_as(hidden))) / (2 * eps)
+    torch.testing.assert_close(hidden.grad, numeric, rtol=1e-2, atol=1e-3)
+
+
+def test_no_grad_path_matches():
+    case = make_case()
+    with torch.no_grad():
+        loss, per_sample, logp = ue.unlearning_loss(case["hidden"], case["weight"], case["labels"],
+                                                    case["sample_index"], case["roles"], bias=case["bias"])
+    ref = reference(case, forget="ga", retain="nll")
+    assert_matches((loss, per_sample, logp, [None, None, None]), (*ref[:3], [None, None, None]), torch.float32)
+
+
+def test_sequence_logprob_and_module():
+    case = make_case(roles=(0, 1, 1, 0, 2))
+    lp = ue.sequence_logprob(case["hidden"], case["weight"], case["labels"], case["sample_index"], 5,
+                             bias=case["bias"], length_normalize=False)
+    ref = reference(case, forget="ga", retain="nll")
+    torch.testing.assert_close(lp, ref[2], rtol=1e-5, atol=1e-5)
+
+    module = ue.UnlearningLoss(forget="npo", retain="nll", beta=0.2)
+    hidden = case["hidden"].clone().requires_grad_()
+    loss = module(hidden, case["weight"], case["labels"], case["sample_index"], case["roles"], bias=case["bias"],
+                  ref_logp=case["ref_logp"])
+    loss.backward()
+    assert hidden.grad is not None and module.last.per_sample.shape == (5,)
+    assert "npo" in repr(module)
+
+
+def test_reference_logp_from_tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 97, (3, 9))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    got = ue.reference_logp(model, input_ids, labels)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    token = torch.log_softmax(logits, -1).gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2) * (target != -100)
+    expected = token.sum(1) / (target != -100).sum(1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+POSITIONAL = ("hidden", "weight", "labels", "sample_index", "roles")
+
+
+def _call(case, **overrides):
+    kwargs = dict(forget="ga", retain="nll")
+    kwargs.update({k: v for k, v in overrides.items() if k not in POSITIONAL})
+    args = {k: overrides.get(k, case[k]) for k in POSITIONAL}
+    return ue.unlearning_loss(**args, **kwargs)
+
+
+@pytest.mark.parametrize("override,match", [
+    (dict(hidden=torch.randn(N, H + 1)), r"weight must have shape \(V, H=62\)"),
+    (dict(weight=torch.randn(V, H).double()), "weight must have dtype torch.float32"),
+    (dict(labels=torch.zeros(N, dtype=torch.int32)), "labels must have dtype torch.int64"),
+    (dict(labels=torch.zeros(N - 1, dtype=torch.int64)), r"labels must have shape \(37,\)"),
+    (dict(sample_index=torch.full((N,), 9)), r"sample_index values must be in \[0, B=5\)"),
+    (dict(sample_index=torch.full((N,), -1)), "sample_index values"),
+    (dict(labels=torch.full((N,), V)), r"labels must be -100 \(ignored\) or in \[0, V=1031\)"),
+    (dict(labels=torch.full((N,), -5)), "labels must be -100"),
+    (dict(roles=torch.tensor([0, 1, 3, 0, 2])), "roles must be FORGET=0, RETAIN=1 or IGNORE=2"),
+    (dict(roles=torch.tensor([0.0, 1.0])), "roles must have dtype torch.int64"),
+    (dict(forget="npo"), "forget='npo' needs ref_logp"),
+    (dict(retain="kl"), "retain='kl' needs ref_hidden"),
+    (dict(forget="sgd"), "forget must be one of"),
+    (dict(retain="mse"), "retain must be one of"),
+    (dict(beta=0.0), "beta must be a finite number > 0"),
+    (dict(beta=-1.0), "beta must be"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(hidden=torch.randn(N, H).long()), "hidden must be a floating-point tensor"),
+])
+def test_bad_input_names_the_argument(override, match):
+    with pytest.raises(ValueError, match=match):
+        _call(make_case(), **override)
+
+
+def test_bad_ref_logp_shape():
+    case = make_case()
+    with pytest.raises(ValueError, match=r"ref_logp must have shape \(5,\)"):
+        _call(case, forget="npo", ref_logp=torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight"])
+def test_non_finite_input_is_reported(name):
+    case = make_case()
+    case[name] = case[name].clone()
+    case[name][3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"non-finite values .* {name}"):
+        _call(case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_rejected():
+    case = make_case()
+    with pytest.raises(ValueError, match="labels must be on cpu"):
+        _call(case, labels=case["labels"].cuda())
+
+
+def test_mixed_devices_rejected_by_the_op_itself():
+    """The registered op checks its own arguments, for callers that skip the Python wrapper."""
+    case = make_case()
+    with pytest.raises(RuntimeError, match="labels must have dtype Long"):
+        ue.ops.fused_logprob(case["hidden"], case["weight"], None, case["labels"].int(), None, None, None, 8)
+    with pytest.raises(RuntimeError, match="must share H"):
+        ue.ops.fused_logprob(case["hidden"], case["weight"][:, :5], None, case["labels"], None, None, None, 8)

@@ -1,0 +1,27 @@
+"""unlearn_engine: fused C++/CUDA kernels for safety unlearning of vision-language models.
+
+    import unlearn_engine as ue
+    loss, per_sample, logp = ue.unlearning_loss(hidden, lm_head.weight, labels, sample_index, roles,
+                                                forget="npo", retain="nll", ref_logp=ref_logp)
+"""
+from unlearn_engine._library import build_info, ops
+from unlearn_engine.losses import (
+    UnlearningLoss,
+    UnlearningLossOutput,
+    causal_lm_hidden,
+    default_chunk_size,
+    reference_logp,
+    rmu_loss,
+    sequence_logprob,
+    unlearning_loss,
+)
+from unlearn_engine.roles import FORGET, IGNORE, RETAIN
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "FORGET", "RETAIN", "IGNORE",
+    "build_info", "ops",
+    "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
+    "causal_lm_hidden", "default_chunk_size", "rmu_loss",
+]

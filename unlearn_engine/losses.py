@@ -1,0 +1,367 @@
+"""Fused unlearning losses: per-sample GA / NPO forget terms, NLL / KL retain terms, RMU.
+
+The heavy lifting is in torch.ops.unlearn_engine (csrc/unlearning_loss). This module adds the
+fake (meta) kernels and autograd formulas that let the ops run under torch.compile, checks the
+arguments, and reduces per-token results to per-sample losses.
+
+Two paths, chosen automatically:
+* linear objectives (forget "ga"; retain "nll", "kl" or None) with gradients wanted: the op
+  computes the gradients during the forward chunk walk (6 N H V flop), and backward only
+  scales them by grad_output;
+* otherwise (forget "npo", or no gradient): forward computes per-token log-likelihoods, and
+  backward recomputes each chunk's logits (8 N H V flop) with the per-token coefficients
+  that autograd hands it. Per-sample outputs are differentiable on this path.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from unlearn_engine._library import ops
+from unlearn_engine.roles import FORGET, IGNORE, RETAIN
+
+FORGET_OBJECTIVES = ("ga", "npo")
+RETAIN_OBJECTIVES = ("nll", "kl", None)
+
+
+# ----------------------------------------------------------------------------- op registrations
+def _grad_bias_like(bias, hidden):
+    # The op returns an empty fp32 tensor for the bias gradient when there is no bias.
+    return torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.register_fake("unlearn_engine::fused_logprob")
+def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+    n = hidden.shape[0]
+    kl_len = n if ref_hidden is not None else 0
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(kl_len, dtype=torch.float32)
+
+
+@torch.library.register_fake("unlearn_engine::fused_logprob_backward")
+def _fused_logprob_backward_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp,
+                                 grad_kl, chunk_size):
+    return torch.empty_like(hidden), torch.empty_like(weight), _grad_bias_like(bias, hidden)
+
+
+@torch.library.register_fake("unlearn_engine::fused_linear_objective")
+def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp,
+                                 coef_kl, chunk_size):
+    logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
+    return (hidden.new_empty((), dtype=torch.float32), logp, kl, torch.empty_like(hidden),
+            torch.empty_like(weight), _grad_bias_like(bias, hidden))
+
+
+@torch.library.register_fake("unlearn_engine::rmu_loss")
+def _rmu_loss_fake(forget_act, control, retain_act, retain_ref, alpha):
+    return forget_act.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("unlearn_engine::rmu_loss_backward")
+def _rmu_loss_backward_fake(grad, forget_act, control, retain_act, retain_ref, alpha):
+    return torch.empty_like(forget_act), torch.empty_like(retain_act)
+
+
+def _fused_logprob_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
+    ctx.chunk_size = chunk_size
+    ctx.has_bias = bias is not None
+    ctx.has_ref = ref_hidden is not None
+
+
+def _fused_logprob_backward(ctx, grad_logp, grad_kl):
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias = ctx.saved_tensors
+    grad_kl = grad_kl.float().contiguous() if ctx.has_ref else None
+    grad_hidden, grad_weight, grad_bias = ops.fused_logprob_backward(
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp.float().contiguous(), grad_kl,
+        ctx.chunk_size)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
+
+
+torch.library.register_autograd("unlearn_engine::fused_logprob", _fused_logprob_backward,
+                                setup_context=_fused_logprob_setup)
+
+
+def _linear_objective_setup(ctx, inputs, output):
+    _, _, _, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.has_bias = inputs[2] is not None
+
+
+def _linear_objective_backward(ctx, grad_loss, *_unused_output_grads):
+    # Only `loss` is differentiable: the wrapper below hands logp/kl out detached.
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    grad_bias = grad_bias * grad_loss if ctx.has_bias else None
+    return grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("unlearn_engine::fused_linear_objective", _linear_objective_backward,
+                                setup_context=_linear_objective_setup)
+
+
+def _rmu_setup(ctx, inputs, output):
+    forget_act, control, retain_act, retain_ref, alpha = inputs
+    ctx.save_for_backward(forget_act, control, retain_act, retain_ref)
+    ctx.alpha = alpha
+
+
+def _rmu_backward(ctx, grad):
+    forget_act, control, retain_act, retain_ref = ctx.saved_tensors
+    grad_forget, grad_retain = ops.rmu_loss_backward(grad, forget_act, control, retain_act, retain_ref, ctx.alpha)
+    grad_control = -grad_forget.sum(0) if ctx.needs_input_grad[1] else None
+    grad_ref = -grad_retain if ctx.needs_input_grad[3] else None
+    return grad_forget, grad_control, grad_retain, grad_ref, None
+
+
+torch.library.register_autograd("unlearn_engine::rmu_loss", _rmu_backward, setup_context=_rmu_setup)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _require(cond, message):
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_tensor(t, name, *, shape=None, dtype=None, device=None, floating=False):
+    _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if shape is not None:
+        _require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None:
+        _require(t.dtype == dtype, f"{name} must have dtype {dtype}, got {t.dtype}")
+    if floating:
+        _require(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    if device is not None:
+        _require(t.device == device, f"{name} must be on {device} (where hidden is), got {t.device}")
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk so one chunk of logits stays small: ~4M elements on CPU, ~64M on GPU."""
+    budget = (1 << 22) if device.type == "cpu" else (1 << 26)
+    rows = max(16, budget // max(vocab_size, 1))
+    rows = (rows // 16) * 16
+    return max(1, min(rows, max(num_tokens, 1)))
+
+
+def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
+                           ref_weight, ref_bias, beta, bias, chunk_size):
+    _check_tensor(hidden, "hidden", floating=True)
+    _require(hidden.dim() == 2, f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    device = hidden.device
+    _check_tensor(weight, "weight", dtype=hidden.dtype, device=device)
+    _require(weight.dim() == 2 and weight.shape[1] == h,
+             f"weight must have shape (V, H={h}), got {tuple(weight.shape)}")
+    v = weight.shape[0]
+    _require(v > 0, "weight must have at least one row (V > 0)")
+    _check_tensor(labels, "labels", shape=(n,), dtype=torch.int64, device=device)
+    _check_tensor(sample_index, "sample_index", shape=(n,), dtype=torch.int64, device=device)
+    _check_tensor(roles, "roles", dtype=torch.int64, device=device)
+    _require(roles.dim() == 1, f"roles must be 1-D (B,), got shape {tuple(roles.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", shape=(v,), dtype=hidden.dtype, device=device)
+    _require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
+    _require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
+    _require(isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta),
+             f"beta must be a finite number > 0, got {beta!r}")
+    if forget == "npo":
+        _require(ref_logp is not None, "forget='npo' needs ref_logp (B,): the reference model's log-likelihoods "
+                                       "(see unlearn_engine.reference_logp)")
+        _check_tensor(ref_logp, "ref_logp", shape=(roles.shape[0],), device=device, floating=True)
+    if retain == "kl":
+        _require(ref_hidden is not None and ref_weight is not None,
+                 "retain='kl' needs ref_hidden (N, H) and ref_weight (V, H) from the frozen reference model")
+    if ref_hidden is not None or ref_weight is not None:
+        _require(ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight go together")
+        _check_tensor(ref_hidden, "ref_hidden", shape=(n, h), dtype=hidden.dtype, device=device)
+        _check_tensor(ref_weight, "ref_weight", shape=(v, h), dtype=hidden.dtype, device=device)
+    if ref_bias is not None:
+        _check_tensor(ref_bias, "ref_bias", shape=(v,), dtype=hidden.dtype, device=device)
+    if chunk_size is not None:
+        _require(isinstance(chunk_size, int) and chunk_size > 0, f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_index_values(labels, sample_index, roles, vocab_size):
+    """Data-dependent checks, done with one device sync (skipped under torch.compile)."""
+    num_samples = roles.shape[0]
+    bad = torch.stack([
+        ((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any(),
+        ((sample_index < 0) | (sample_index >= num_samples)).any(),
+        ((roles < FORGET) | (roles > IGNORE)).any(),
+    ]).tolist()
+    _require(not bad[0], f"labels must be -100 (ignored) or in [0, V={vocab_size})")
+    _require(not bad[1], f"sample_index values must be in [0, B={num_samples}) where B = len(roles)")
+    _require(not bad[2], f"roles must be FORGET={FORGET}, RETAIN={RETAIN} or IGNORE={IGNORE}")
+
+
+def _report_non_finite(named_tensors):
+    culprits = [name for name, t in named_tensors if t is not None and not bool(torch.isfinite(t).all())]
+    if culprits:
+        raise FloatingPointError(f"non-finite values (NaN or Inf) in input(s): {', '.join(culprits)}")
+    raise FloatingPointError("the loss is not finite although all inputs are: check beta, the weights and the scale "
+                             "of the logits")
+
+
+# ----------------------------------------------------------------------------- public ops
+class UnlearningLossOutput(NamedTuple):
+    loss: torch.Tensor        # scalar, fp32
+    per_sample: torch.Tensor  # (B,) L_b, fp32
+    logp: torch.Tensor        # (B,) sum of labelled-token log-probabilities, fp32
+
+
+def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga", retain="nll", ref_logp=None,
+                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, forget_weight=1.0,
+                    retain_weight=1.0, bias=None, length_normalize=True, chunk_size=None,
+                    validate=True) -> UnlearningLossOutput:
+    """Fused per-sample unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
+
+    hidden (N, H) are the final hidden states of the N tokens (already shifted so that row t predicts
+    labels[t]), weight (V, H) the LM head, labels (N,) int64 with -100 ignored, sample_index (N,) the
+    sample each token belongs to, roles (B,) FORGET/RETAIN/IGNORE per sample. Never materialises the
+    N x V logits. Returns (loss, per_sample, logp). validate=False skips the data-dependent checks
+    (label range, finiteness), which each cost a device sync.
+    """
+    _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
+                           ref_weight, ref_bias, beta, bias, chunk_size)
+    checking = validate and not torch.compiler.is_compiling()
+    vocab_size = weight.shape[0]
+    if checking:
+        _check_index_values(labels, sample_index, roles, vocab_size)
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab_size, hidden.device)
+    use_kl = retain == "kl"
+    kl_hidden, kl_weight, kl_bias = (ref_hidden, ref_weight, ref_bias) if use_kl else (None, None, None)
+
+    num_samples = roles.shape[0]
+    valid = labels != -100
+    zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
+    counts = zeros.index_add(0, sample_index, valid.float())
+    denom = counts.clamp(min=1) if length_normalize else torch.ones_like(counts)
+    is_forget, is_retain = roles == FORGET, roles == RETAIN
+    forget_scale = forget_weight / is_forget.sum().clamp(min=1)
+    retain_scale = retain_weight / is_retain.sum().clamp(min=1)
+
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if forget == "ga" and wants_grad:
+        # Linear in the token log-likelihoods and KLs: gradients are made in the forward walk.
+        sample_coef = torch.where(is_forget, forget_scale, zeros)
+        if retain == "nll":
+            sample_coef = sample_coef - torch.where(is_retain, retain_scale, zeros)
+        coef_logp = ((sample_coef / denom)[sample_index] * valid).contiguous()
+        coef_kl = None
+        if use_kl:
+            coef_kl = ((torch.where(is_retain, retain_scale, zeros) / denom)[sample_index] * valid).contiguous()
+        loss, token_logp, token_kl, _, _, _ = ops.fused_linear_objective(
+            hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, coef_logp, coef_kl, chunk)
+        token_logp, token_kl = token_logp.detach(), token_kl.detach()
+    else:
+        loss = None
+        token_logp, token_kl = ops.fused_logprob(hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, chunk)
+
+    logp = zeros.index_add(0, sample_index, token_logp)
+    mean_logp = logp / denom
+    if forget == "ga":
+        forget_term = mean_logp
+    else:
+        forget_term = (2.0 / beta) * F.softplus(beta * (mean_logp - ref_logp.float()))
+    if retain == "nll":
+        retain_term = -mean_logp
+    elif use_kl:
+        retain_term = zeros.index_add(0, sample_index, token_kl) / denom
+    else:
+        retain_term = zeros
+    per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
+    per_sample = torch.where(counts > 0, per_sample, zeros)
+    if loss is None:
+        loss = forget_scale * (per_sample * is_forget).sum() + retain_scale * (per_sample * is_retain).sum()
+    else:
+        per_sample = per_sample.detach()
+
+    if checking and not bool(torch.isfinite(loss)):
+        _report_non_finite([("hidden", hidden), ("weight", weight), ("bias", bias), ("ref_logp", ref_logp),
+                            ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)])
+    return UnlearningLossOutput(loss, per_sample, logp)
+
+
+def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=None, length_normalize=True,
+                     chunk_size=None):
+    """Per-sample log-likelihood (B,) through the fused path: sum (or mean, if length_normalize) of
+    labelled-token log-probabilities. Differentiable; use under torch.no_grad() for a reference."""
+    roles = torch.full((num_samples,), IGNORE, dtype=torch.int64, device=hidden.device)
+    out = unlearning_loss(hidden, weight, labels, sample_index, roles, bias=bias, retain=None,
+                          length_normalize=length_normalize, chunk_size=chunk_size)
+    if not length_normalize:
+        return out.logp
+    counts = torch.zeros(num_samples, device=hidden.device).index_add(0, sample_index, (labels != -100).float())
+    return out.logp / counts.clamp(min=1)
+
+
+def rmu_loss(forget_act, control, retain_act, retain_ref, alpha=1.0):
+    """mean((forget_act - control)^2) + alpha * mean((retain_act - retain_ref)^2), fused, with gradients.
+
+    forget_act (Nf, H), control (H,) (the scaled random direction c*u), retain_act (Nr, H) and retain_ref
+    (Nr, H) (the frozen model's activations). An empty group contributes 0. Returns an fp32 scalar.
+    """
+    _check_tensor(forget_act, "forget_act", floating=True)
+    _require(forget_act.dim() == 2, f"forget_act must be 2-D (Nf, H), got shape {tuple(forget_act.shape)}")
+    h, device, dtype = forget_act.shape[1], forget_act.device, forget_act.dtype
+    _check_tensor(control, "control", shape=(h,), dtype=dtype, device=device)
+    _check_tensor(retain_act, "retain_act", dtype=dtype, device=device)
+    _require(retain_act.dim() == 2 and retain_act.shape[1] == h,
+             f"retain_act must have shape (Nr, H={h}), got {tuple(retain_act.shape)}")
+    _check_tensor(retain_ref, "retain_ref", shape=tuple(retain_act.shape), dtype=dtype, device=device)
+    _require(isinstance(alpha, (int, float)) and alpha >= 0, f"alpha must be a number >= 0, got {alpha!r}")
+    return ops.rmu_loss(forget_act, control, retain_act, retain_ref, float(alpha))
+
+
+# ----------------------------------------------------------------------------- trainer helpers
+class UnlearningLoss(torch.nn.Module):
+    """nn.Module form of unlearning_loss for trainers: fixed options, call with the batch tensors.
+
+    forward returns the scalar loss; `last` holds the detached (per_sample, logp) of the latest call.
+    """
+
+    def __init__(self, forget="ga", retain="nll", *, beta=0.1, forget_weight=1.0, retain_weight=1.0,
+                 length_normalize=True, chunk_size=None, validate=True):
+        super().__init__()
+        _require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
+        _require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
+        self.options = dict(forget=forget, retain=retain, beta=beta, forget_weight=forget_weight,
+                            retain_weight=retain_weight, length_normalize=length_normalize,
+                            chunk_size=chunk_size, validate=validate)
+        self.last: Optional[UnlearningLossOutput] = None
+
+    def forward(self, hidden, weight, labels, sample_index, roles, *, bias=None, ref_logp=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None):
+        out = unlearning_loss(hidden, weight, labels, sample_index, roles, bias=bias, ref_logp=ref_logp,
+                              ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, **self.options)
+        self.last = UnlearningLossOutput(out.loss.detach(), out.per_sample.detach(), out.logp.detach())
+        return out.loss
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def causal_lm_hidden(model, input_ids, labels, **model_inputs):
+    """Final hidden states of a Hugging Face causal LM or VLM, shifted for next-token prediction.
+
+    Runs the model's base (no LM head, so no N x V logits) and returns (hidden (N, H), labels (N,),
+    sample_index (N,)) over the B x (T-1) predicted positions, ready for the fused ops.
+    """
+    out = model.base_model(input_ids=input_ids, **model_inputs)
+    states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    batch, length = input_ids.shape
+    hidden = states[:, :-1].reshape(-1, states.shape[-1])
+    shifted = labels[:, 1:].reshape(-1)
+    sample_index = torch.arange(batch, device=input_ids.device).repeat_interleave(length - 1)
+    return hidden, shifted, sample_index
+
+
+@torch.no_grad()
+def reference_logp(model, input_ids, labels, *, length_normalize=True, chunk_size=None, **model_inputs):
+    """Per-sample log-likelihood (B,) of `labels` under a frozen reference model, through the fused path.
+
+    This is the ref_logp that forget='npo' expects (pass the same length_normalize)."""
+    hidden, shifted, sample_index = causal_lm_hidden(model, input_ids, labels, **model_inputs)
+    head = model.get_output_embeddings()
+    return sequence_logprob(hidden, head.weight, shifted, sample_index, input_ids.shape[0], bias=head.bias,
+                            length_normalize=length_normalize, chunk_size=chunk_size)

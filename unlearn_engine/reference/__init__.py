@@ -1,0 +1,4 @@
+"""Pure-PyTorch references for every kernel: the ground truth the tests compare against."""
+from unlearn_engine.reference.losses import rmu_loss_reference, unlearning_loss_reference
+
+__all__ = ["unlearning_loss_reference", "rmu_loss_reference"]
