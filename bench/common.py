@@ -3,7 +3,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 
@@ -34,13 +33,20 @@ def device_tag() -> str:
     return "cpu"
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Resets the kernel's peak-RSS mark (VmHWM) to the current RSS and returns that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status_kib("VmHWM") * 1024
 
 
 def probe_in_subprocess(module: str, args: list) -> dict:
@@ -72,14 +78,16 @@ class Results:
                 row = dict(row)
                 if base:
                     row["time_ratio"] = row["time_s"] / base["time_s"]
-                    if row.get("peak_extra_mb") is not None and base.get("peak_extra_mb"):
-                        row["memory_ratio"] = row["peak_extra_mb"] / base["peak_extra_mb"]
+                    for key in ("peak_extra_mb", "workspace_mb"):
+                        if row.get(key) is not None and base.get(key):
+                            row[key.replace("_mb", "_ratio")] = row[key] / base[key]
                 out.append(row)
         return out
 
     def table(self) -> str:
         rows = self.with_ratios()
-        cols = ["case", "impl", "time_s", "time_ratio", "peak_extra_mb", "memory_ratio"]
+        cols = ["case", "impl", "time_s", "time_ratio", "peak_extra_mb", "peak_extra_ratio", "workspace_mb",
+                "workspace_ratio"]
         extra = sorted({k for r in rows for k in r} - set(cols) - {"shape"})
         cols += extra
 

@@ -42,13 +42,15 @@ IMPLS = {"eager": eager_loss, "fused": fused_loss}
 def step(impl, args, kwargs):
     hidden, weight = args[0], args[1]
     hidden.grad = weight.grad = None
-    loss = IMPLS[impl](*args, **kwargs).loss
+    loss = IMPLS[impl](*args, **kwargs)[0]
     loss.backward()
     return loss
 
 
 def _peak_memory(impl, forget, retain, n, h, v, dtype, device):
-    from common import current_rss_bytes, peak_rss_bytes  # bench/ is on sys.path when run from the probe
+    import gc
+
+    from common import peak_rss_bytes, reset_peak_rss  # bench/ is on sys.path when run from the probe
 
     dtype = getattr(torch, dtype)
     args, kwargs = make_inputs(forget, retain, int(n), int(h), int(v), dtype, device)
@@ -59,9 +61,15 @@ def _peak_memory(impl, forget, retain, n, h, v, dtype, device):
         step(impl, args, kwargs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = current_rss_bytes()
+    gc.collect()
+    base = reset_peak_rss()
     step(impl, args, kwargs)
     return peak_rss_bytes() - base
+
+
+def gradient_bytes(args):
+    """Bytes of the gradients a step must produce (any method): excluded from 'workspace'."""
+    return sum(t.numel() * t.element_size() for t in args[:2])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import probe_in_subprocess
-from loss_case import make_inputs, step
+from loss_case import gradient_bytes, make_inputs, step
 
 if torch.cuda.is_available():
     DEVICE, DTYPE = "cuda", "bfloat16"
@@ -33,9 +33,11 @@ def test_unlearning_loss_fwd_bwd(benchmark, results, impl, forget, retain, n, h,
             torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    grads = gradient_bytes(args)
     del args, kwargs
     peak = probe_in_subprocess("bench.loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])["peak_extra_bytes"]
     results("unlearning_loss").add(
         case=f"{forget}+{retain} N={n} H={h} V={v} {DTYPE}", impl=impl, shape=dict(N=n, H=h, V=v, dtype=DTYPE),
         device=DEVICE, time_s=benchmark.stats.stats.min, peak_extra_mb=peak / 2**20,
+        workspace_mb=(peak - grads) / 2**20,
         tflops=(6 * n * h * v) / benchmark.stats.stats.min / 1e12)

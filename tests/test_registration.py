@@ -17,8 +17,9 @@ def test_opcheck_fused_ops(device):
     torch.library.opcheck(ue.ops.fused_logprob, (h, w, b, c["labels"], None, None, None, 4))
     torch.library.opcheck(ue.ops.fused_logprob, (h, w, b, c["labels"], c["ref_hidden"], c["ref_weight"], None, 4))
     coef = torch.randn(13, device=device)
-    torch.library.opcheck(ue.ops.fused_linear_objective,
-                          (h, w, b, c["labels"], c["ref_hidden"], c["ref_weight"], None, coef, coef * 0.5, 5))
+    # fused_linear_objective is differentiable only through unlearning_loss's autograd.Function
+    torch.library.opcheck(ue.ops.fused_linear_objective, (h.detach(), w.detach(), b.detach(), c["labels"],
+                                                          c["ref_hidden"], c["ref_weight"], None, coef, coef * 0.5, 5))
     torch.library.opcheck(ue.ops.fused_logprob_backward,
                           (h.detach(), w.detach(), None, c["labels"], None, None, None, coef, None, 3))
     f = torch.randn(4, 9, device=device, requires_grad=True)

@@ -83,21 +83,46 @@ torch.library.register_autograd("unlearn_engine::fused_logprob", _fused_logprob_
                                 setup_context=_fused_logprob_setup)
 
 
-def _linear_objective_setup(ctx, inputs, output):
-    _, _, _, grad_hidden, grad_weight, grad_bias = output
-    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    ctx.has_bias = inputs[2] is not None
+class _TokenLogprob(torch.autograd.Function):
+    """Differentiable fused_logprob for the general path: backward recomputes each chunk's logits with
+    the per-token coefficients autograd hands it. (Same formula as the op's register_autograd; a plain
+    autograd.Function lets the fresh gradient buffers reach .grad without a copy.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+        logp, kl = ops.fused_logprob(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
+        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
+        return logp, kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_kl):
+        return _fused_logprob_backward(ctx, grad_logp, grad_kl)
 
 
-def _linear_objective_backward(ctx, grad_loss, *_unused_output_grads):
-    # Only `loss` is differentiable: the wrapper below hands logp/kl out detached.
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    grad_bias = grad_bias * grad_loss if ctx.has_bias else None
-    return grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias, None, None, None, None, None, None, None
+class _LinearObjective(torch.autograd.Function):
+    """Differentiable wrapper of fused_linear_objective: gradients come from the forward walk.
 
+    A plain autograd.Function rather than register_autograd so that the gradient buffers reach .grad
+    without a copy (only `loss` is differentiable; logp and kl are diagnostics)."""
 
-torch.library.register_autograd("unlearn_engine::fused_linear_objective", _linear_objective_backward,
-                                setup_context=_linear_objective_setup)
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size):
+        loss, logp, kl, grad_hidden, grad_weight, grad_bias = ops.fused_linear_objective(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(logp, kl)
+        return loss, logp, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_kl):
+        if ctx.grads is None:
+            raise RuntimeError("the fused linear-objective path of unlearning_loss supports one backward per "
+                               "forward (its gradients are made in the forward pass)")
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in grads)  # in place: no 2nd V x H buffer
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
+                None, None, None, None, None, None, None)
 
 
 def _rmu_setup(ctx, inputs, output):
@@ -136,8 +161,9 @@ def _check_tensor(t, name, *, shape=None, dtype=None, device=None, floating=Fals
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk so one chunk of logits stays small: ~4M elements on CPU, ~64M on GPU."""
-    budget = (1 << 22) if device.type == "cpu" else (1 << 26)
+    """Rows per chunk: one chunk of logits is ~8M elements on CPU (32 MB fp32: 256 rows at V=32064,
+    where the per-chunk dW update stops costing more than the GEMMs save), ~64M on GPU."""
+    budget = (1 << 23) if device.type == "cpu" else (1 << 26)
     rows = max(16, budget // max(vocab_size, 1))
     rows = (rows // 16) * 16
     return max(1, min(rows, max(num_tokens, 1)))
@@ -250,12 +276,11 @@ def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga",
         coef_kl = None
         if use_kl:
             coef_kl = ((torch.where(is_retain, retain_scale, zeros) / denom)[sample_index] * valid).contiguous()
-        loss, token_logp, token_kl, _, _, _ = ops.fused_linear_objective(
+        loss, token_logp, token_kl = _LinearObjective.apply(
             hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, coef_logp, coef_kl, chunk)
-        token_logp, token_kl = token_logp.detach(), token_kl.detach()
     else:
         loss = None
-        token_logp, token_kl = ops.fused_logprob(hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, chunk)
+        token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, chunk)
 
     logp = zeros.index_add(0, sample_index, token_logp)
     mean_logp = logp / denom
