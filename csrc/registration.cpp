@@ -26,6 +26,15 @@ TORCH_LIBRARY(unlearn_engine, m) {
   m.def("rmu_loss(Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, float alpha) -> Tensor");
   m.def("rmu_loss_backward(Tensor grad, Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, "
         "float alpha) -> (Tensor grad_forget, Tensor grad_retain)");
+
+  // Family 3: selective weight masking (csrc/weight_masking).
+  m.def("topk_mask(Tensor[] tensors, int[] k, bool per_tensor) -> Tensor[]");
+  m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor[] indices, bool compact_state, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "int step) -> ()");
+  m.def("masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] indices, "
+        "bool compact_state, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "bool first_step) -> ()");
 }
 
 namespace {

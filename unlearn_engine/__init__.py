@@ -15,6 +15,7 @@ from unlearn_engine.losses import (
     sequence_logprob,
     unlearning_loss,
 )
+from unlearn_engine.masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
 __version__ = build_info()["version"]
@@ -24,4 +25,5 @@ __all__ = [
     "build_info", "ops",
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
+    "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
 ]

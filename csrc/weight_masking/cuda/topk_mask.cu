@@ -1,0 +1,150 @@
+// CUDA kernels of the top-k mask: one block per work item, one launch per pass for all tensors.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "../abs_key.h"
+#include "../topk_mask.h"
+
+namespace unlearn_engine {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct ItemView {
+  const int64_t* table;  // (W, 3): tensor, start, length
+  __device__ int64_t tensor(int64_t i) const { return table[3 * i]; }
+  __device__ int64_t start(int64_t i) const { return table[3 * i + 1]; }
+  __device__ int64_t length(int64_t i) const { return table[3 * i + 2]; }
+};
+
+template <typename T>
+__global__ void histogram_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
+                                 const int64_t* __restrict__ prefix, int shift, unsigned long long* __restrict__ hist,
+                                 int64_t nan_slot) {
+  __shared__ unsigned int local[257];
+  for (int d = threadIdx.x; d < 257; d += blockDim.x) local[d] = 0;
+  __syncthreads();
+  const int64_t i = blockIdx.x;
+  const T* x = reinterpret_cast<const T*>(ptrs[items.tensor(i)]) + items.start(i);
+  const uint32_t want = static_cast<uint32_t>(prefix[segs[i]]);
+  for (int64_t j = threadIdx.x; j < items.length(i); j += blockDim.x) {
+    const uint32_t key = abs_key(x[j]);
+    if (key > kInfKey) { atomicAdd(&local[256], 1u); continue; }
+    if (shift < 24 && (key >> (shift + 8)) != want) continue;
+    atomicAdd(&local[(key >> shift) & 255u], 1u);
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < 256; d += blockDim.x)
+    if (local[d]) atomicAdd(&hist[segs[i] * 256 + d], static_cast<unsigned long long>(local[d]));
+  if (threadIdx.x == 0 && local[256]) atomicAdd(&hist[nan_slot], static_cast<unsigned long long>(local[256]));
+}
+
+template <typename T>
+__global__ void count_ties_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
+                                  const int64_t* __restrict__ threshold, int64_t* __restrict__ ties) {
+  using Reduce = cub::BlockReduce<int64_t, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const int64_t i = blockIdx.x;
+  const T* x = reinterpret_cast<const T*>(ptrs[items.tensor(i)]) + items.start(i);
+  const int64_t t = threshold[segs[i]];
+  int64_t count = 0;
+  for (int64_t j = threadIdx.x; j < items.length(i); j += blockDim.x) count += static_cast<int64_t>(abs_key(x[j])) == t;
+  const int64_t total = Reduce(storage).Sum(count);
+  if (threadIdx.x == 0) ties[i] = total;
+}
+
+// Each thread builds one byte (8 elements); ties are ranked in index order with a block-wide scan.
+template <typename T>
+__global__ void write_mask_kernel(const int64_t* __restrict__ ptrs, const int64_t* __restrict__ bit_ptrs,
+                                  ItemView items, const int64_t* __restrict__ segs,
+                                  const int64_t* __restrict__ threshold, const int64_t* __restrict__ tie_offset,
+                                  const int64_t* __restrict__ ties_needed) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  const int64_t i = blockIdx.x;
+  const int64_t start = items.start(i), length = items.length(i);
+  const T* x = reinterpret_cast<const T*>(ptrs[items.tensor(i)]) + start;
+  uint8_t* out = reinterpret_cast<uint8_t*>(bit_ptrs[items.tensor(i)]) + start / 8;
+  const int64_t t = threshold[segs[i]], need = ties_needed[segs[i]];
+  const int64_t num_bytes = (length + 7) / 8;
+  int64_t carry = tie_offset[i];
+  for (int64_t tile = 0; tile < num_bytes; tile += blockDim.x) {
+    const int64_t b = tile + threadIdx.x;
+    int64_t keys[8];
+    int tie_count = 0;
+    for (int e = 0; e < 8; ++e) {
+      const int64_t j = 8 * b + e;
+      keys[e] = (b < num_bytes && j < length) ? static_cast<int64_t>(abs_key(x[j])) : -1;
+      tie_count += keys[e] == t;
+    }
+    int before, tile_total;
+    Scan(storage).ExclusiveSum(tie_count, before, tile_total);
+    __syncthreads();  // storage is reused by the next tile's scan
+    if (b < num_bytes) {
+      int64_t rank = carry + before;
+      uint8_t byte = 0;
+      for (int e = 0; e < 8; ++e) {
+        const bool take = keys[e] > t || (keys[e] == t && rank++ < need);
+        byte |= static_cast<uint8_t>(take) << e;
+      }
+      out[b] = byte;
+    }
+    carry += tile_total;
+  }
+}
+
+at::Tensor item_table(const WorkItems& items, const at::Device& device) { return items.table(device); }
+
+void histogram(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+               const at::Tensor& prefix, int shift, at::Tensor& hist) {
+  const auto device = tensors[0].device();
+  const auto ptrs = pointer_table(tensors, device);
+  const auto table = item_table(items, device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_histogram_cuda", [&] {
+    histogram_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+        ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
+        prefix.data_ptr<int64_t>(), shift, reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+        hist.numel() - 1);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void count_ties(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                const at::Tensor& threshold, at::Tensor& ties) {
+  const auto device = tensors[0].device();
+  const auto ptrs = pointer_table(tensors, device);
+  const auto table = item_table(items, device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_count_ties_cuda", [&] {
+    count_ties_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+        ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
+        threshold.data_ptr<int64_t>(), ties.data_ptr<int64_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                const at::Tensor& threshold, const at::Tensor& tie_offset, const at::Tensor& ties_needed,
+                std::vector<at::Tensor>& bits) {
+  const auto device = tensors[0].device();
+  const auto ptrs = pointer_table(tensors, device);
+  const auto bit_ptrs = pointer_table(bits, device);
+  const auto table = item_table(items, device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_write_mask_cuda", [&] {
+    write_mask_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+        ptrs.data_ptr<int64_t>(), bit_ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()},
+        segments.data_ptr<int64_t>(), threshold.data_ptr<int64_t>(), tie_offset.data_ptr<int64_t>(),
+        ties_needed.data_ptr<int64_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+MaskBackend cuda_mask_backend() { return MaskBackend{&histogram, &count_ties, &write_mask}; }
+
+}  // namespace unlearn_engine
