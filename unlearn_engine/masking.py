@@ -242,9 +242,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if not active:
             return loss
         grads = [p.grad for _, p in active]
-        if self.check_finite:
-            _check_finite(grads, "grads")
         sub_mask = self.mask.subset([i for i, _ in active])
+        if self.check_finite:  # only the selected entries are ever read
+            _check_finite([g.reshape(-1)[sub_mask.indices(j)] for j, g in enumerate(grads)], "grads")
         params = [p for _, p in active]
         for i, p in active:
             state = self.state[p]
