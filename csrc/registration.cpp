@@ -27,6 +27,13 @@ TORCH_LIBRARY(unlearn_engine, m) {
   m.def("rmu_loss_backward(Tensor grad, Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, "
         "float alpha) -> (Tensor grad_forget, Tensor grad_retain)");
 
+  // Family 2: visual-token risk projection, RAI (csrc/risk_projection). kind 0 = subspace, 1 = prototypes.
+  m.def("risk_scores(Tensor x, Tensor basis, int kind) -> Tensor");
+  m.def("risk_project_rows(Tensor x, Tensor basis, Tensor? select, int kind, float threshold, float strength) "
+        "-> (Tensor out, Tensor scores)");
+  m.def("risk_project_rows_(Tensor(a!) x, Tensor basis, Tensor? select, int kind, float threshold, "
+        "float strength) -> Tensor scores");
+
   // Family 3: selective weight masking (csrc/weight_masking).
   m.def("topk_mask(Tensor[] tensors, int[] k, bool per_tensor) -> Tensor[]");
   m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

@@ -16,6 +16,13 @@ from unlearn_engine.losses import (
     unlearning_loss,
 )
 from unlearn_engine.masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
+from unlearn_engine.risk import (
+    DEFAULT_UNSAFE_KEYWORDS,
+    concept_embeddings,
+    risk_project,
+    risk_prototypes,
+    unsafe_subspace,
+)
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
 __version__ = build_info()["version"]
@@ -25,5 +32,6 @@ __all__ = [
     "build_info", "ops",
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
+    "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
 ]

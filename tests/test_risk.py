@@ -1,0 +1,129 @@
+"""Risk projection ops vs the eager composite, on odd shapes, zero rows, threshold ties, all dtypes."""
+import math
+
+import pytest
+import torch
+
+import unlearn_engine as ue
+from unlearn_engine.reference import risk_project_reference, risk_prototypes_reference
+
+from conftest import DEVICES
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+DTYPES = list(TOL)
+
+
+def _basis(h, k, device):
+    return ue.unsafe_subspace(torch.randn(max(k, 5) + 3, h), k).to(device)
+
+
+def _x(shape, device, dtype, zero_rows=True):
+    x = torch.randn(*shape)
+    if zero_rows and x.dim() == 3 and x.shape[1] > 2:
+        x[0, 1] = 0.0
+        x[-1, -1] = 0.0
+    return x.to(device, dtype)
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k", [((2, 1, 61), 3), ((3, 17, 61), 5), ((1, 577, 61), 16), ((2, 9, 256), 40)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_threshold_mode(device, dtype, shape, k, inplace):
+    U = _basis(shape[-1], k, device)
+    x = _x(shape, device, dtype)
+    want, want_scores = risk_project_reference(x, U, threshold=0.08, strength=2.0)
+    original = x.clone()
+    got, scores = ue.risk_project(x, U, threshold=0.08, strength=2.0, inplace=inplace)
+    _close(scores, want_scores, torch.float32 if dtype == torch.float32 else dtype)
+    _close(got, want, dtype)
+    if inplace:
+        assert got.data_ptr() == x.data_ptr()
+    else:
+        assert torch.equal(x, original)
+    unchanged = want_scores < 0.08
+    assert torch.equal(got[unchanged], original[unchanged])  # unselected rows bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1, 61), (3, 17, 61), (2, 577, 128)])
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 1.0])
+def test_top_fraction_mode(device, dtype, shape, fraction):
+    U = _basis(shape[-1], 8, device)
+    x = _x(shape, device, dtype)
+    want, want_scores = risk_project_reference(x, U, top_fraction=fraction)
+    got, scores = ue.risk_project(x, U, top_fraction=fraction)
+    _close(got, want, dtype)
+    changed = (got != x).any(-1)
+    assert (changed.sum(1) <= math.ceil(fraction * shape[1])).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_ties_are_selected(device):
+    """A row whose score equals the threshold exactly is selected (s >= threshold)."""
+    U = torch.zeros(8, 1, device=device)
+    U[0, 0] = 1.0
+    x = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0], [1.0, 2.0, 0, 0, 0, 0, 0, 0],
+                       [0.0] * 8]], device=device)  # scores 0.25, 0.2, 0 (zero row)
+    got, scores = ue.risk_project(x, U, threshold=0.25, strength=1.0)
+    assert scores.tolist() == [[0.25, pytest.approx(0.2), 0.0]]
+    assert got[0, 0, 0].item() == 2.0 and torch.equal(got[0, 1:], x[0, 1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k", [((5, 61), 1), ((2, 17, 61), 7), ((577, 96), 64)])
+def test_prototype_mode(device, dtype, shape, k):
+    P = torch.randn(k, shape[-1], device=device)
+    x = _x(shape, device, dtype)
+    x.view(-1, shape[-1])[1] = 0.0
+    want, want_best = risk_prototypes_reference(x, P, threshold=0.05, strength=0.7)
+    for inplace in (False, True):
+        xi = x.clone()
+        got, best = ue.risk_prototypes(xi, P, threshold=0.05, strength=0.7, inplace=inplace)
+        _close(best, want_best, torch.float32 if dtype == torch.float32 else dtype)
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ue.risk_project(torch.randn(2, 3, 8), torch.randn(8, 2), threshold=0.1), "orthonormal"),
+    (lambda: ue.risk_project(torch.randn(2, 3, 8), torch.zeros(8, 0), threshold=0.1), "at least one column"),
+    (lambda: ue.risk_project(torch.randn(2, 3, 8), torch.eye(9)[:, :3], threshold=0.1), "x has H=8 but U has H=9"),
+    (lambda: ue.risk_project(torch.randn(2, 3, 8), torch.eye(8)[:, :2], threshold=1.5), r"threshold must be in \[0, 1\]"),
+    (lambda: ue.risk_project(torch.randn(2, 3, 8), torch.eye(8)[:, :2]), "exactly one of threshold or top_fraction"),
+    (lambda: ue.risk_project(torch.randn(3, 8), torch.eye(8)[:, :2], top_fraction=0.5), r"needs x of shape \(B, T, H\)"),
+    (lambda: ue.risk_project(torch.randn(2, 3, 8, requires_grad=True), torch.eye(8)[:, :2], threshold=0.1),
+     "inference op"),
+    (lambda: ue.unsafe_subspace(torch.randn(5, 8), 0), r"k must be an int in \[1, min"),
+    (lambda: ue.unsafe_subspace(torch.randn(5, 8), 6), r"k must be an int in \[1, min"),
+    (lambda: ue.risk_prototypes(torch.randn(3, 8), torch.zeros(2, 8), threshold=0.1), "zero prototype"),
+    (lambda: ue.risk_prototypes(torch.randn(3, 8), torch.randn(65, 8), threshold=0.1), "at most"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_unsafe_subspace_is_orthonormal_top_singular_space():
+    E = torch.randn(30, 61)
+    U = ue.unsafe_subspace(E, 6)
+    torch.testing.assert_close(U.T @ U, torch.eye(6), atol=1e-5, rtol=0)
+    _, s, vh = torch.linalg.svd(E)
+    projector = U @ U.T
+    torch.testing.assert_close(projector, vh[:6].T @ vh[:6], atol=1e-4, rtol=0)
+    assert torch.equal(ue.unsafe_subspace(E, 6), U)
+
+
+def test_opcheck():
+    x = torch.randn(7, 12)
+    U = ue.unsafe_subspace(torch.randn(9, 12), 3)
+    torch.library.opcheck(ue.ops.risk_scores, (x, U, 0))
+    torch.library.opcheck(ue.ops.risk_project_rows, (x, U, None, 0, 0.1, 1.5))
+    torch.library.opcheck(ue.ops.risk_project_rows, (x, U, torch.rand(7) > 0.5, 0, 0.0, 1.0))
+    torch.library.opcheck(ue.ops.risk_project_rows_, (x.clone(), U, None, 1, 0.1, 1.0))
