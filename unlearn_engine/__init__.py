@@ -25,6 +25,8 @@ from unlearn_engine.risk import (
 )
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
+from unlearn_engine.api import CheckpointError, RiskAwareness, load_vlm, save_vlm  # noqa: E402  (high-level API)
+
 __version__ = build_info()["version"]
 
 __all__ = [
@@ -33,5 +35,6 @@ __all__ = [
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
+    "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
 ]

@@ -1,0 +1,212 @@
+"""Load and save safetensors VLMs (and causal LMs) without ever unpickling anything.
+
+    model, processor = ue.load_vlm("path/to/llava", dtype="bfloat16", device="cuda")
+
+A checkpoint folder holds config.json and model.safetensors, or a sharded model.safetensors.index.json.
+Both LLaVA key layouts are accepted: the old one (language_model.model.*, vision_tower.*,
+multi_modal_projector.*) and the current one (model.language_model.*, ...).
+"""
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# old LLaVA layout prefix -> current layout prefix
+LEGACY_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder or one of its files is not what a safetensors VLM checkpoint must be."""
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _model_class(config):
+    import transformers
+
+    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise CheckpointError(f"unsupported architecture: model_type={config.model_type!r} is neither an image-text-to-"
+                          "text model nor a causal LM known to this transformers version")
+
+
+def _shard_files(path) -> Dict[str, list]:
+    """Map each safetensors file of the checkpoint to the tensor names the index says it holds (None: all)."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
+        files: Dict[str, list] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(shard, []).append(name)
+        for shard in files:
+            if not os.path.exists(os.path.join(path, shard)):
+                raise CheckpointError(f"missing shard {shard} listed in {INDEX_FILE}")
+        return files
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+        return {SINGLE_FILE: None}
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(f"{path} holds only pickle checkpoints ({', '.join(pickles)}); unlearn_engine loads "
+                              "safetensors only, because unpickling can run arbitrary code. Convert them with a "
+                              "tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
+    raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _read_tensors(path, files):
+    tensors = {}
+    for shard, listed in files.items():
+        full = os.path.join(path, shard)
+        try:
+            with safe_open(full, framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                if listed is not None and set(listed) - set(names):
+                    missing = sorted(set(listed) - set(names))[:5]
+                    raise CheckpointError(f"{shard} lacks tensors the index assigns to it: {missing}")
+                for name in names:
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    return tensors
+
+
+def _canonical_name(name, expected):
+    if name in expected:
+        return name
+    for old, new in LEGACY_PREFIXES:
+        if name.startswith(old) and new + name[len(old):] in expected:
+            return new + name[len(old):]
+    return name
+
+
+def load_vlm(path: str, dtype="bfloat16", device="cpu", *, load_processor: bool = True) -> Tuple[torch.nn.Module, object]:
+    """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode."""
+    import transformers
+
+    dtype = _dtype(dtype)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json")
+    files = _shard_files(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"unsupported or invalid config.json in {path}: {err}") from None
+    cls = _model_class(config)
+    model = cls(config).to(dtype)
+    state = model.state_dict()
+    expected = set(state)
+    loaded = {_canonical_name(k, expected): v for k, v in _read_tensors(path, files).items()}
+
+    unexpected = sorted(set(loaded) - expected)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) in the checkpoint: {unexpected[:10]}"
+                              + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    tied = {k for k in expected if k.endswith("lm_head.weight")} if _ties_embeddings(config) else set()
+    missing = sorted(expected - set(loaded) - tied)
+    if missing:
+        raise CheckpointError(f"missing tensor(s) in the checkpoint: {missing[:10]}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    for name, tensor in loaded.items():
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but the model "
+                                  f"expects {tuple(state[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            state[name].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    if tied:
+        model.tie_weights()
+    model = model.to(device).eval()
+    return model, (_load_processor(path) if load_processor else None)
+
+
+def _ties_embeddings(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def _load_processor(path):
+    import transformers
+
+    for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):
+        try:
+            return auto.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def save_vlm(model, path: str, *, processor=None, max_shard_bytes: Optional[int] = None):
+    """Write config.json + safetensors (sharded with an index when max_shard_bytes is given) atomically: into a
+    temporary folder beside `path`, then renamed over it. Tied weights are stored once."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.config.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        state, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:
+                continue  # a tied tensor: stored once
+            seen.add(key)
+            state[name] = tensor.detach().contiguous().cpu()
+        if max_shard_bytes is None:
+            save_file(state, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            shards, current, size = [], {}, 0
+            for name, tensor in state.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                if current and size + nbytes > max_shard_bytes:
+                    shards.append(current)
+                    current, size = {}, 0
+                current[name], size = tensor, size + nbytes
+            shards.append(current)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

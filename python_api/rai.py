@@ -1,0 +1,97 @@
+"""Attach Risk Awareness Injection to a LLaVA-family model by forward hooks (removable).
+
+    with ue.RiskAwareness(model, tokenizer=tok, rank=8, top_fraction=0.1, strength=2.0) as rai:
+        out = model.generate(**inputs)
+    rai.records  # per-image risk scores of every prefill
+
+The hook sits on the multimodal projector's output: the visual tokens in the language model's embedding
+space, computed during prefill only (decoding steps reuse the cache and never run the projector). Text
+tokens are never touched.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+
+from unlearn_engine.risk import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
+
+
+def find_projector(model):
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("multi_modal_projector", "mm_projector", "visual_projection"):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no detectable visual tokens: no multimodal projector "
+                     "(multi_modal_projector / mm_projector) was found")
+
+
+class RiskAwareness:
+    """Risk Awareness Injection on the visual tokens of `model`.
+
+    concepts: an (M, H) tensor of concept embeddings, or keywords (needs `tokenizer`); None uses the default
+    unsafe keyword list. mode "subspace" (rank, threshold or top_fraction) or "prototypes" (threshold)."""
+
+    def __init__(self, model, concepts=None, *, tokenizer=None, rank: int = 8, mode: str = "subspace",
+                 threshold: Optional[float] = None, top_fraction: Optional[float] = None, strength: float = 1.0):
+        if mode not in ("subspace", "prototypes"):
+            raise ValueError(f"mode must be 'subspace' or 'prototypes', got {mode!r}")
+        self.model, self.mode, self.strength = model, mode, strength
+        self.projector_name, self.projector = find_projector(model)
+        embeddings = model.get_input_embeddings().weight
+        if isinstance(concepts, torch.Tensor):
+            rows = concepts.float()
+        else:
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= to turn keywords into concept embeddings, or pass an (M, H) tensor")
+            rows = concept_embeddings(tokenizer, embeddings, concepts)
+        if rows.shape[-1] != embeddings.shape[1]:
+            raise ValueError(f"concept embeddings have H={rows.shape[-1]}, the model's embeddings H={embeddings.shape[1]}")
+        rows = rows.to(embeddings.device)
+        if mode == "subspace":
+            if threshold is None and top_fraction is None:
+                top_fraction = 0.1
+            self.basis = unsafe_subspace(rows, min(rank, rows.shape[0], rows.shape[1]))
+        else:
+            if threshold is None:
+                raise ValueError("prototype mode needs a cosine threshold")
+            self.basis = rows
+        self.threshold, self.top_fraction = threshold, top_fraction
+        self.records: List[torch.Tensor] = []
+        self._handle = None
+
+    def _apply(self, features: torch.Tensor):
+        x = features if features.dim() == 3 else features.unsqueeze(0)
+        with torch.no_grad():
+            if self.mode == "subspace":
+                out, scores = risk_project(x.detach(), self.basis, threshold=self.threshold,
+                                           top_fraction=self.top_fraction, strength=self.strength)
+            else:
+                out, scores = risk_prototypes(x.detach(), self.basis, threshold=self.threshold, strength=self.strength)
+        self.records.append(scores.detach().cpu())
+        return out if features.dim() == 3 else out.squeeze(0)
+
+    def _hook(self, module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            return self._apply(output)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return type(output)([self._apply(output[0]), *output[1:]])
+        raise TypeError(f"unexpected projector output type {type(output).__name__}")
+
+    def attach(self):
+        if self._handle is None:
+            self._handle = self.projector.register_forward_hook(self._hook)
+        return self
+
+    def detach(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()

@@ -1,0 +1,54 @@
+"""Tiny models and tokenizers built locally from transformers configs (no downloads): for tests, the
+demo world and benchmarks of the high-level API."""
+from typing import Iterable, Optional
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% else %}ASSISTANT: {{ m['content'] }} </s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def word_tokenizer(words: Iterable[str]):
+    """A whitespace word-level fast tokenizer over SPECIAL_TOKENS + `words` (+ the chat markers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for w in SPECIAL_TOKENS + ["USER:", "ASSISTANT:"] + list(words):
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llava(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4, image_size: int = 16,
+               patch: int = 8, seed: Optional[int] = 0, tie_word_embeddings: bool = False):
+    """A LlavaForConditionalGeneration small enough to train on a CPU in seconds."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def image_tokens(model) -> int:
+    """How many <image> tokens one image becomes in this model."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
