@@ -52,3 +52,27 @@ def image_tokens(model) -> int:
     """How many <image> tokens one image becomes in this model."""
     vision = model.config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
+
+
+def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0):
+    """Plain supervised training (response NLL through the fused loss): makes a tiny model know `records`."""
+    import unlearn_engine as ue
+    from unlearn_engine.api.data import encode
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    head = model.get_output_embeddings()
+    for _ in range(steps):
+        idx = torch.randperm(len(records), generator=g)[:batch_size].tolist()
+        batch = encode([records[i] for i in idx], tokenizer)
+        hidden, labels, sample_index = ue.causal_lm_hidden(model, batch["input_ids"], batch["labels"],
+                                                           attention_mask=batch["attention_mask"])
+        roles = torch.full((len(idx),), ue.RETAIN)
+        loss = ue.unlearning_loss(hidden, head.weight, labels, sample_index, roles, bias=head.bias).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model

@@ -25,7 +25,18 @@ from unlearn_engine.risk import (
 )
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
-from unlearn_engine.api import CheckpointError, RiskAwareness, load_vlm, save_vlm  # noqa: E402  (high-level API)
+from unlearn_engine.api import (  # noqa: E402  (the high-level API, re-exported)
+    CheckpointError,
+    Record,
+    RiskAwareness,
+    load_vlm,
+    read_advbench,
+    read_figstep,
+    read_jsonl,
+    read_xstest,
+    save_vlm,
+    write_jsonl,
+)
 
 __version__ = build_info()["version"]
 
@@ -35,6 +46,14 @@ __all__ = [
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
-    "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness",
+    "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
+    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "mean_nll",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
 ]
+
+
+def __getattr__(name):
+    if name in ("Unlearner", "UnlearnConfig", "mean_nll"):
+        from unlearn_engine.api import unlearner
+        return getattr(unlearner, name)
+    raise AttributeError(f"module 'unlearn_engine' has no attribute {name!r}")

@@ -308,16 +308,22 @@ def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga",
 
 
 def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=None, length_normalize=True,
-                     chunk_size=None):
+                     chunk_size=None, validate=True):
     """Per-sample log-likelihood (B,) through the fused path: sum (or mean, if length_normalize) of
-    labelled-token log-probabilities. Differentiable; use under torch.no_grad() for a reference."""
+    labelled-token log-probabilities. Differentiable (the recompute path); under torch.no_grad() it is
+    the cheap way to get a reference model's ref_logp."""
     roles = torch.full((num_samples,), IGNORE, dtype=torch.int64, device=hidden.device)
-    out = unlearning_loss(hidden, weight, labels, sample_index, roles, bias=bias, retain=None,
-                          length_normalize=length_normalize, chunk_size=chunk_size)
+    _check_unlearning_args(hidden, weight, labels, sample_index, roles, "ga", None, None, None, None, None, 0.1,
+                           bias, chunk_size)
+    if validate and not torch.compiler.is_compiling():
+        _check_index_values(labels, sample_index, roles, weight.shape[0])
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
+    token_logp, _ = _TokenLogprob.apply(hidden, weight, bias, labels, None, None, None, chunk)
+    zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
+    logp = zeros.index_add(0, sample_index, token_logp)
     if not length_normalize:
-        return out.logp
-    counts = torch.zeros(num_samples, device=hidden.device).index_add(0, sample_index, (labels != -100).float())
-    return out.logp / counts.clamp(min=1)
+        return logp
+    return logp / zeros.index_add(0, sample_index, (labels != -100).float()).clamp(min=1)
 
 
 def rmu_loss(forget_act, control, retain_act, retain_ref, alpha=1.0):

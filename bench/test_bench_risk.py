@@ -1,0 +1,29 @@
+"""Fused risk projection vs the eager composite (matmul, norms, mask, index_add) on LLaVA-shaped visual
+tokens: batch 32 x 576 tokens x H=4096, rank 16. Time, peak extra memory, and achieved bandwidth."""
+import pytest
+import torch
+
+import unlearn_engine as ue
+from common import probe_in_subprocess
+from risk_case import CASES, DEVICE, SHAPE, make_inputs
+
+ROUNDS = 3 if DEVICE == "cpu" else 20
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_risk_projection(benchmark, results, impl, case):
+    x, U = make_inputs()
+
+    def run():
+        CASES[case][impl](x, U)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    moved = 2 * x.numel() * x.element_size()  # one read and one write of every token: the minimum traffic
+    del x, U
+    peak = probe_in_subprocess("bench.risk_case", [case, impl])["peak_extra_bytes"]
+    results("risk_projection").add(case=f"{case} B={SHAPE[0]} T={SHAPE[1]} H={SHAPE[2]} k={SHAPE[3]}", impl=impl,
+                                   shape=dict(zip("BTHk", SHAPE)), device=DEVICE, time_s=benchmark.stats.stats.min,
+                                   peak_extra_mb=peak / 2**20, gb_per_s=moved / benchmark.stats.stats.min / 1e9)

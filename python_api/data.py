@@ -1,0 +1,118 @@
+"""Datasets: JSONL unlearning records, readers for the published prompt CSVs, and batch encoding with
+labels on the response tokens only.
+
+JSONL record: {"prompt": str, "response": str, "image": optional path, "role": "forget" | "retain"}.
+"""
+import csv
+import json
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+ROLE_NAMES = ("forget", "retain")
+
+
+@dataclass(frozen=True)
+class Record:
+    prompt: str
+    response: str = ""
+    role: str = "forget"
+    image: Optional[str] = None
+    category: Optional[str] = None
+
+
+def read_jsonl(path: str, *, role: Optional[str] = None) -> List[Record]:
+    """Records from a JSONL file; `role` overrides (or supplies) each record's role."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(f"{path}:{line_no}: each line needs a string 'prompt'")
+            r = role or item.get("role", "forget")
+            if r not in ROLE_NAMES:
+                raise ValueError(f"{path}:{line_no}: role must be one of {ROLE_NAMES}, got {r!r}")
+            records.append(Record(item["prompt"], str(item.get("response", "")), r, item.get("image"),
+                                  item.get("category")))
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def write_jsonl(records: Sequence[Record], path: str):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            item = {"prompt": r.prompt, "response": r.response, "role": r.role}
+            if r.image:
+                item["image"] = r.image
+            if r.category:
+                item["category"] = r.category
+            f.write(json.dumps(item) + "\n")
+
+
+def _read_csv(path, required):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    missing = [c for c in required if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}; found {list(rows[0])}")
+    return rows
+
+
+def read_advbench(path: str) -> List[Record]:
+    """AdvBench harmful_behaviors.csv (goal, target): harmful prompts with the affirmative target."""
+    return [Record(r["goal"], r["target"], "forget", category="advbench") for r in _read_csv(path, ("goal", "target"))]
+
+
+def read_xstest(path: str, label: Optional[str] = "safe") -> List[Record]:
+    """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes."""
+    rows = _read_csv(path, ("prompt", "type", "label"))
+    return [Record(r["prompt"], "", "retain", category=r["type"]) for r in rows if label is None or r["label"] == label]
+
+
+def read_figstep(path: str) -> List[Record]:
+    """FigStep SafeBench CSV (question, instruction, category_name): the question is the harmful query and
+    the instruction the typographic text the attack renders into an image."""
+    rows = _read_csv(path, ("question", "instruction", "category_name"))
+    return [Record(r["question"], r["instruction"], "forget", category=r["category_name"]) for r in rows]
+
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it: its chat template when it has one, else a plain USER/ASSISTANT form."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"USER: {prompt} ASSISTANT:"
+
+
+def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256):
+    """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS)."""
+    ids_list, label_list = [], []
+    for r in records:
+        if r.image:
+            raise ValueError("records with images need a processor-aware encoder; this one is text-only")
+        prompt_ids = tokenizer(prompt_text(tokenizer, r.prompt), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(" " + r.response if r.response else "", add_special_tokens=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id]
+        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + prompt_ids + response_ids
+        labels = [-100] * (len(ids) - len(response_ids)) + response_ids
+        ids_list.append(ids[:max_length])
+        label_list.append(labels[:max_length])
+    width = max(len(x) for x in ids_list)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(records), width), pad, dtype=torch.long)
+    labels = torch.full((len(records), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(records), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(ids_list, label_list)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
