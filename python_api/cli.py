@@ -31,6 +31,14 @@ def _cmd_unlearn(args):
     import unlearn_engine as ue
     from unlearn_engine.api.unlearner import UnlearnConfig, Unlearner, mean_nll
 
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: data parallel
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     forget = ue.read_jsonl(args.forget, role="forget")
     retain = ue.read_jsonl(args.retain, role="retain") if args.retain else []
     model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
@@ -48,7 +56,8 @@ def _cmd_unlearn(args):
     after = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         after["retain_nll"] = mean_nll(model, tokenizer, retain)
-    ue.save_vlm(model, os.path.join(args.out, "model"), processor=tokenizer)
+    if int(os.environ.get("RANK", 0)) == 0:
+        ue.save_vlm(model, os.path.join(args.out, "model"), processor=tokenizer)
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after,
                "model": os.path.join(args.out, "model")}
     if args.json:
@@ -78,7 +87,7 @@ def build_parser():
     un.add_argument("--lr", type=float, default=1e-5)
     un.add_argument("--batch-size", type=int, default=4)
     un.add_argument("--beta", type=float, default=0.1, help="NPO temperature")
-    un.add_argument("--scope", default="full", choices=["full", "mask"])
+    un.add_argument("--scope", default="full", choices=["full", "lora", "mask"])
     un.add_argument("--mask-fraction", type=float, default=0.05)
     un.add_argument("--rmu-layer", type=int, default=1)
     un.add_argument("--seed", type=int, default=0)

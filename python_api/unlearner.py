@@ -20,7 +20,8 @@ from unlearn_engine.api.checkpoint import load_latest, save_checkpoint
 from unlearn_engine.api.data import Record, encode
 
 METHODS = ("ga", "gd", "npo", "kl", "rmu", "textual")
-SCOPES = ("full", "mask")
+SCOPES = ("full", "lora", "mask")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 @dataclass
@@ -32,8 +33,10 @@ class UnlearnConfig:
     beta: float = 0.1              # NPO temperature
     forget_weight: float = 1.0
     retain_weight: float = 1.0
-    scope: str = "full"            # "full": every trainable weight; "mask": SalUn-style saliency top fraction
+    scope: str = "full"            # "full": the weights the method trains; "lora": LoRA adapters on the
+    #                                language model (merged back at the end); "mask": saliency top fraction
     mask_fraction: float = 0.05
+    lora_rank: int = 8
     rmu_layer: int = 1             # RMU: steer this decoder layer's output; train down_proj of layers <= it
     rmu_coeff: float = 20.0        # RMU: |control| = rmu_coeff
     rmu_alpha: float = 10.0        # RMU: retain weight
@@ -75,6 +78,10 @@ class Unlearner:
         self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.named_params = self._select_params()
         self._ref_logp_cache = {}
         self._forget_nll = {}
@@ -84,6 +91,14 @@ class Unlearner:
     def _select_params(self):
         model, method = self.model, self.config.method
         model.requires_grad_(False)
+        if self.config.scope == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            if method == "rmu":
+                raise ValueError("RMU trains chosen down_proj weights directly; use scope='full' or 'mask'")
+            inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
+                                               target_modules=LORA_TARGETS, lora_dropout=0.0), model)
+            return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         lm = language_model(model)
         if method == "rmu":
             layers = lm.layers
@@ -109,13 +124,26 @@ class Unlearner:
         batches = [self._batch(forget, [], step) for step in range(min(4, c.steps))]
         saliency = ue.saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
                                progress=self.progress)
+        self._average_gradients(saliency)  # one mask for all ranks
         self.mask = ue.topk_mask(saliency, c.mask_fraction)
         return ue.MaskedOptimizer(params, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
 
     # ------------------------------------------------------------------ batches
     def _indices(self, n, step, salt):
+        """The global batch of (seed, step); under torch.distributed each rank takes its own slice."""
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 17 + salt)
-        return torch.randperm(n, generator=g)[: min(self.config.batch_size, n)].tolist()
+        chosen = torch.randperm(n, generator=g)[: min(self.config.batch_size, n)].tolist()
+        return chosen[self.rank::self.world] if self.world > 1 else chosen
+
+    def _average_gradients(self, tensors):
+        """Data parallelism: every rank ends with the mean over ranks (the gradient of the global batch)."""
+        import torch.distributed as dist
+
+        if self.world > 1:
+            for t in tensors:
+                if t is not None:
+                    dist.all_reduce(t)
+                    t.div_(self.world)
 
     def _batch(self, forget: Sequence[Record], retain: Sequence[Record], step: int):
         f_idx = self._indices(len(forget), step, 1) if forget else []
@@ -225,8 +253,9 @@ class Unlearner:
         self.model.train()
         optimizer = self._make_optimizer(forget)
         start = 0
+        writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
-        metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if self.out_dir else None
+        metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
         if resume and ckpt_dir:
             state = load_latest(ckpt_dir, self.named_params, optimizer, self.device)
             if state is not None:
@@ -246,6 +275,7 @@ class Unlearner:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
             loss.backward()
+            self._average_gradients([p.grad for _, p in self.named_params])
             optimizer.step()
             record = {"step": step + 1, "loss": float(loss.detach())}
             roles = [k for k in self._forget_nll]
@@ -256,13 +286,29 @@ class Unlearner:
             if metrics_path:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if ckpt_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
+            if writer and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
                 save_checkpoint(ckpt_dir, step + 1, self.named_params, optimizer, {
                     "config": dataclasses.asdict(c), "history": self.history,
                     "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()},
                     "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}})
+        if c.scope == "lora":
+            merge_lora_(self.model)
         self.model.eval()
         return self.history
+
+
+@torch.no_grad()
+def merge_lora_(model):
+    """Fold injected LoRA adapters into their base weights and put the plain layers back, so the model
+    saves and loads like the original architecture."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return model
 
 
 @torch.no_grad()
