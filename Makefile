@@ -34,7 +34,7 @@ bench: build
 	$(PY) -m pytest bench -q -s --benchmark-columns=min,mean,rounds
 
 demo: build
-	$(VENV)/bin/unlearn-engine demo
+	$(VENV)/bin/unlearn-engine demo --out demo_out
 
 info: build
 	$(VENV)/bin/unlearn-engine info

@@ -70,6 +70,106 @@ def _cmd_unlearn(args):
     return 0
 
 
+def _read_prompt_file(path, limit):
+    import csv
+
+    import unlearn_engine as ue
+
+    if path.endswith(".jsonl"):
+        records = ue.read_jsonl(path)
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f))
+        if "goal" in header:
+            records = ue.read_advbench(path)
+        elif "label" in header and "prompt" in header:
+            records = ue.read_xstest(path)
+        elif "question" in header:
+            records = ue.read_figstep(path)
+        else:
+            raise ValueError(f"{path}: unknown CSV columns {header} (expected AdvBench, XSTest or FigStep)")
+    return records[:limit] if limit else records
+
+
+def _cmd_asr(args):
+    import unlearn_engine as ue
+    from unlearn_engine.api.evaluation import RefusalJudge, bar_chart, evaluate, markdown_table, write_json
+
+    harmful = _read_prompt_file(args.harmful, args.limit)
+    safe = _read_prompt_file(args.safe, args.limit) if args.safe else []
+    model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files")
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    result = evaluate(model, tokenizer, harmful, safe, judge=RefusalJudge(args.judge), attacks=args.attacks.split(","),
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+    row = {"model": os.path.basename(os.path.normpath(args.model))}
+    row.update({f"asr_{a}": r["rate"] for a, r in result["asr"].items()})
+    if "over_refusal" in result:
+        row["over_refusal"] = result["over_refusal"]["rate"]
+    os.makedirs(args.out, exist_ok=True)
+    write_json(result, os.path.join(args.out, "asr.json"))
+    table = markdown_table([row], list(row))
+    with open(os.path.join(args.out, "asr.md"), "w") as f:
+        f.write(table + "\n")
+    bar_chart([row], "model", [k for k in row if k != "model"], os.path.join(args.out, "asr.png"), title="ASR")
+    print(json.dumps(row, indent=2) if args.json else table)
+    return 0
+
+
+def _cmd_demo(args):
+    from unlearn_engine.api.mirage import World, run_mirage
+
+    report = run_mirage(args.out, World(seed=args.seed), progress=not args.no_progress,
+                        log=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report["results"], indent=2))
+    return 0
+
+
+def _cmd_rai(args):
+    import unlearn_engine as ue
+    from unlearn_engine.api.evaluation import generate
+    from unlearn_engine.api.toy import image_tokens
+
+    model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if args.image:
+        from PIL import Image
+
+        size = model.config.vision_config.image_size
+        image = Image.open(args.image).convert("RGB").resize((size, size))
+        import numpy as np
+
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
+    else:
+        pixels = None
+    prompt = ("<image> " * image_tokens(model) if pixels is not None else "") + args.prompt
+    keywords = args.keywords.split(",") if args.keywords else None
+    rai = ue.RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
+                           strength=args.strength)
+    plain = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
+    with rai:
+        guarded = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
+    out = {"without_rai": plain, "with_rai": guarded,
+           "visual_token_scores": [r.tolist() for r in rai.records]}
+    print(json.dumps(out, indent=2) if args.json else f"without RAI: {plain}\nwith RAI:    {guarded}")
+    return 0
+
+
+def _cmd_bench(args):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "bench")
+    if not os.path.isdir(bench):
+        raise ValueError("bench/ is not next to the package (run from a source checkout)")
+    cmd = [sys.executable, "-m", "pytest", bench, "-q", "-s", "--benchmark-columns=min,mean,rounds"]
+    if args.k:
+        cmd += ["-k", args.k]
+    return subprocess.call(cmd, cwd=root)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="unlearn-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +198,47 @@ def build_parser():
     un.add_argument("--no-progress", action="store_true")
     un.add_argument("--json", action="store_true", help="print JSON instead of a table")
     un.set_defaults(func=_cmd_unlearn)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    asr = sub.add_parser("asr", help="attack success rate and over-refusal of a model on prompt files")
+    asr.add_argument("--model", required=True)
+    asr.add_argument("--harmful", required=True, help="AdvBench / FigStep CSV or JSONL of harmful prompts")
+    asr.add_argument("--safe", help="XSTest CSV (safe rows are used) or JSONL of benign prompts")
+    asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
+    asr.add_argument("--judge", default="vlguard", choices=["vlguard", "gcg"], help="refusal keyword list")
+    asr.add_argument("--attacks", default="text,one_word", help="comma-separated: text, one_word")
+    asr.add_argument("--max-new-tokens", type=int, default=64)
+    asr.add_argument("--batch-size", type=int, default=16)
+    asr.add_argument("--out", default="asr_out", help="folder for asr.json, asr.md, asr.png")
+    asr.add_argument("--dtype", default="bfloat16")
+    asr.add_argument("--device", default=device)
+    asr.add_argument("--no-progress", action="store_true")
+    asr.add_argument("--json", action="store_true")
+    asr.set_defaults(func=_cmd_asr)
+
+    rai = sub.add_parser("rai", help="answer a prompt (+ image) with and without Risk Awareness Injection")
+    rai.add_argument("--model", required=True)
+    rai.add_argument("--prompt", required=True)
+    rai.add_argument("--image", help="image file shown with the prompt")
+    rai.add_argument("--keywords", help="comma-separated unsafe keywords (default: the built-in list)")
+    rai.add_argument("--rank", type=int, default=8)
+    rai.add_argument("--top-fraction", type=float, default=0.1)
+    rai.add_argument("--strength", type=float, default=2.0)
+    rai.add_argument("--dtype", default="bfloat16")
+    rai.add_argument("--device", default=device)
+    rai.add_argument("--json", action="store_true")
+    rai.set_defaults(func=_cmd_rai)
+
+    demo = sub.add_parser("demo", help="the safety-mirage world, end to end (the embedded default job)")
+    demo.add_argument("--out", default="demo_out", help="folder for mirage.json, mirage.md, mirage.png")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="run the kernel benchmarks (bench/, writes bench/results/)")
+    bench.add_argument("-k", help="pytest -k expression selecting benchmarks")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

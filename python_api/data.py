@@ -93,13 +93,21 @@ def prompt_text(tokenizer, prompt: str) -> str:
     return f"USER: {prompt} ASSISTANT:"
 
 
-def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256):
-    """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS)."""
-    ids_list, label_list = [], []
+def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image_loader=None,
+           image_tokens: int = 0):
+    """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS).
+
+    Records with an image need image_loader(record.image) -> (3, H, W) tensor and image_tokens (the number
+    of <image> tokens one image takes); the prompt is prefixed with them and pixel_values is added."""
+    ids_list, label_list, pixels = [], [], []
     for r in records:
+        prompt = r.prompt
         if r.image:
-            raise ValueError("records with images need a processor-aware encoder; this one is text-only")
-        prompt_ids = tokenizer(prompt_text(tokenizer, r.prompt), add_special_tokens=False)["input_ids"]
+            if image_loader is None or image_tokens < 1:
+                raise ValueError(f"record {r.prompt!r} has an image: pass image_loader and image_tokens")
+            pixels.append(image_loader(r.image))
+            prompt = "<image> " * image_tokens + prompt
+        prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(" " + r.response if r.response else "", add_special_tokens=False)["input_ids"]
         response_ids = response_ids + [tokenizer.eos_token_id]
         ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + prompt_ids + response_ids
@@ -115,4 +123,7 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch

@@ -54,8 +54,12 @@ def image_tokens(model) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
-def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0):
-    """Plain supervised training (response NLL through the fused loss): makes a tiny model know `records`."""
+def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
+              image_loader=None, progress: bool = False):
+    """Plain supervised training (response NLL through the fused loss): makes a tiny model know `records`
+    (records with images need image_loader, see unlearn_engine.api.data.encode)."""
+    from tqdm.auto import tqdm
+
     import unlearn_engine as ue
     from unlearn_engine.api.data import encode
 
@@ -64,12 +68,16 @@ def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, b
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     head = model.get_output_embeddings()
-    for _ in range(steps):
+    device = next(model.parameters()).device
+    for _ in tqdm(range(steps), desc="train", disable=not progress, leave=False):
         idx = torch.randperm(len(records), generator=g)[:batch_size].tolist()
-        batch = encode([records[i] for i in idx], tokenizer)
+        batch = encode([records[i] for i in idx], tokenizer, image_loader=image_loader,
+                       image_tokens=image_tokens(model) if image_loader else 0)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
         hidden, labels, sample_index = ue.causal_lm_hidden(model, batch["input_ids"], batch["labels"],
-                                                           attention_mask=batch["attention_mask"])
-        roles = torch.full((len(idx),), ue.RETAIN)
+                                                           attention_mask=batch["attention_mask"], **extra)
+        roles = torch.full((len(idx),), ue.RETAIN, device=device)
         loss = ue.unlearning_loss(hidden, head.weight, labels, sample_index, roles, bias=head.bias).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
