@@ -4,7 +4,8 @@ from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.data import Record, encode, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
 
 __all__ = ["load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "encode", "read_jsonl",
-           "write_jsonl", "read_advbench", "read_xstest", "read_figstep", "Unlearner", "UnlearnConfig", "mean_nll"]
+           "write_jsonl", "read_advbench", "read_xstest", "read_figstep", "Unlearner", "UnlearnConfig", "mean_nll",
+           "trainer_loss"]
 
 
 def __getattr__(name):
@@ -12,4 +13,7 @@ def __getattr__(name):
     if name in ("Unlearner", "UnlearnConfig", "mean_nll"):
         from unlearn_engine.api import unlearner
         return getattr(unlearner, name)
+    if name == "trainer_loss":
+        from unlearn_engine.api.trainer import trainer_loss
+        return trainer_loss
     raise AttributeError(name)

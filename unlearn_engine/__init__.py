@@ -47,13 +47,13 @@ __all__ = [
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
     "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
-    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "mean_nll",
+    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "mean_nll", "trainer_loss",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
 ]
 
 
 def __getattr__(name):
-    if name in ("Unlearner", "UnlearnConfig", "mean_nll"):
-        from unlearn_engine.api import unlearner
-        return getattr(unlearner, name)
+    if name in ("Unlearner", "UnlearnConfig", "mean_nll", "trainer_loss"):
+        import unlearn_engine.api
+        return getattr(unlearn_engine.api, name)
     raise AttributeError(f"module 'unlearn_engine' has no attribute {name!r}")

@@ -1,0 +1,50 @@
+"""The fused loss inside Hugging Face Trainer (compute_loss) and a plain loop."""
+import copy
+
+import pytest
+import torch
+
+import unlearn_engine as ue
+from unlearn_engine.api.data import encode
+
+from test_unlearner import FORGET, RETAIN
+
+
+def test_hf_trainer_compute_loss(tiny_llava_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, tok = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+    ref = copy.deepcopy(model).requires_grad_(False)
+    records = FORGET + RETAIN
+
+    def collate(items):
+        batch = encode(items, tok)
+        batch["roles"] = torch.tensor([ue.FORGET if r.role == "forget" else ue.RETAIN for r in items])
+        batch["ref_logp"] = ue.reference_logp(ref, batch["input_ids"], batch["labels"],
+                                              attention_mask=batch["attention_mask"])
+        return batch
+
+    class UnlearnTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return ue.trainer_loss(model, inputs, forget="npo", retain="nll", beta=0.5)
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                                          learning_rate=3e-3, remove_unused_columns=False, report_to=[],
+                                          use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    before = ue.mean_nll(model, tok, FORGET)
+    UnlearnTrainer(model=model, args=args, train_dataset=records, data_collator=collate).train()
+    assert ue.mean_nll(model, tok, FORGET) > before
+
+
+def test_trainer_loss_errors(tiny_llava_dir, toy_tokenizer):
+    model, tok = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+    batch = encode(FORGET[:2], tok)
+    with pytest.raises(ValueError, match="lacks 'roles'.*remove_unused_columns=False"):
+        ue.trainer_loss(model, batch)
+    batch["roles"] = torch.tensor([ue.FORGET, ue.FORGET])
+    with pytest.raises(ValueError, match="retain='kl' needs ref_model"):
+        ue.trainer_loss(model, batch, retain="kl")
+    with pytest.raises(ValueError, match="forget='npo' needs ref_logp"):
+        ue.trainer_loss(model, batch, forget="npo")
+    loss = ue.trainer_loss(model, batch, forget="ga", retain="kl", ref_model=copy.deepcopy(model))
+    loss.backward()
+    assert model.get_output_embeddings().weight.grad is not None
