@@ -209,3 +209,16 @@ def test_saliency_accumulates_forget_gradients():
     for s, e in zip(sal, expected):
         torch.testing.assert_close(s, e.abs())
     assert model[0].weight.grad is marker  # the caller's gradients are restored
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_topk_heavy_ties_beyond_the_fast_path_budget(device, scope):
+    """Over 1M elements sharing the threshold digit: the CPU takes the general radix path; same answer."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.full((1_500_000,), 0.5), torch.randn(600_000, generator=g), torch.full((7,), 0.5)]
+    tensors = [t.to(device) for t in tensors]
+    for fraction in (0.3, 0.9):
+        mask = ue.topk_mask(tensors, fraction, scope=scope)
+        for i, want in enumerate(topk_mask_reference(tensors, fraction, scope)):
+            assert torch.equal(mask.dense(i), want), (fraction, i)

@@ -49,6 +49,8 @@ std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, 
 
   std::vector<int64_t> item_segment(items.size());
   for (int64_t i = 0; i < items.size(); ++i) item_segment[i] = per_tensor ? items.tensor[i] : 0;
+  if (!device.is_cuda() && topk_mask_cpu_two_pass(tensors, items, item_segment, std::vector<int64_t>(k.begin(), k.end()), bits))
+    return bits;
   const at::Tensor segments = at::tensor(item_segment, at::kLong).to(device);
 
   std::vector<int64_t> remaining(k.begin(), k.end()), prefix(num_segments, 0);

@@ -36,6 +36,14 @@ struct MaskBackend {
 };
 
 MaskBackend cpu_mask_backend();
+
+// CPU fast path: one histogram pass over the top 12 bits of the key, then one pass that writes every bit
+// decided by that digit and collects the few elements of the threshold digit; the exact threshold among those
+// is found by selection. Returns false (bits untouched) when the threshold digit holds too many elements, in
+// which case the caller runs the general radix passes.
+bool topk_mask_cpu_two_pass(const std::vector<at::Tensor>& tensors, const WorkItems& items,
+                            const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
+                            std::vector<at::Tensor>& bits);
 #ifdef WITH_CUDA
 MaskBackend cuda_mask_backend();
 #endif

@@ -2,7 +2,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <functional>
 #include <mutex>
+#include <numeric>
+#include <utility>
+#include <vector>
 
 #include "../abs_key.h"
 #include "../topk_mask.h"
@@ -80,7 +85,107 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   });
 }
 
+constexpr int kHighShift = 19;            // keys are 31 bits: the top 12 make the first digit
+constexpr int64_t kHighBins = 1 << 12;
+
+template <typename T>
+bool two_pass_typed(const std::vector<at::Tensor>& tensors, const WorkItems& items,
+                    const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
+                    std::vector<at::Tensor>& bits) {
+  const int64_t S = static_cast<int64_t>(k.size());
+  // Pass 1: histogram of the top digit, per segment.
+  std::vector<int64_t> hist(S * kHighBins, 0);
+  int64_t nans = 0, total = 0;
+  std::mutex merge;
+  for_each_item(items, [&](int64_t i) {
+    const T* x = tensors[items.tensor[i]].data_ptr<T>() + items.start[i];
+    std::vector<int32_t> local(kHighBins, 0);
+    int64_t local_nans = 0;
+    for (int64_t j = 0; j < items.length[i]; ++j) {
+      const uint32_t key = abs_key(x[j]);
+      local_nans += key > kInfKey;
+      ++local[key >> kHighShift];
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    int64_t* h = hist.data() + item_segment[i] * kHighBins;
+    for (int64_t d = 0; d < kHighBins; ++d) h[d] += local[d];
+    nans += local_nans;
+  });
+  TORCH_CHECK(nans == 0, "tensors contain ", nans, " NaN value(s); a top-k by magnitude is undefined for NaN "
+              "(check the gradients)");
+  // Per segment: the digit holding the k-th largest key, and how many to take from it.
+  std::vector<int64_t> digit(S, kHighBins), need_in_digit(S, 0);
+  int64_t candidates = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t above = 0;
+    total += std::accumulate(hist.begin() + s * kHighBins, hist.begin() + (s + 1) * kHighBins, int64_t{0});
+    if (k[s] == 0) continue;
+    for (int64_t d = kHighBins - 1; d >= 0; --d) {
+      const int64_t c = hist[s * kHighBins + d];
+      if (above + c >= k[s]) {
+        digit[s] = d;
+        need_in_digit[s] = k[s] - above;
+        candidates += c;
+        break;
+      }
+      above += c;
+    }
+  }
+  if (candidates > std::max<int64_t>(int64_t{1} << 20, total / 8)) return false;  // heavy ties: general path
+  // Pass 2: every bit the top digit decides; the threshold digit's elements are collected, in order.
+  std::vector<std::vector<std::pair<uint32_t, int64_t>>> found(items.size());
+  for_each_item(items, [&](int64_t i) {
+    const T* x = tensors[items.tensor[i]].data_ptr<T>() + items.start[i];
+    uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
+    const int64_t d = digit[item_segment[i]], n = items.length[i];
+    for (int64_t b = 0; b * 8 < n; ++b) {
+      uint8_t byte = 0;
+      for (int e = 0; e < 8 && b * 8 + e < n; ++e) {
+        const uint32_t key = abs_key(x[b * 8 + e]);
+        const int64_t hi = key >> kHighShift;
+        byte |= static_cast<uint8_t>(hi > d) << e;
+        if (hi == d) found[i].emplace_back(key, b * 8 + e);
+      }
+      out[b] = byte;
+    }
+  });
+  // The exact threshold among the candidates, then ties in (tensor, index) order.
+  std::vector<std::vector<uint32_t>> keys(S);
+  for (int64_t i = 0; i < items.size(); ++i)
+    for (const auto& c : found[i]) keys[item_segment[i]].push_back(c.first);
+  std::vector<uint32_t> threshold(S, 0);
+  std::vector<int64_t> ties_left(S, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    auto& v = keys[s];
+    if (need_in_digit[s] == 0 || v.empty()) continue;
+    std::nth_element(v.begin(), v.begin() + (need_in_digit[s] - 1), v.end(), std::greater<uint32_t>());
+    threshold[s] = v[need_in_digit[s] - 1];
+    const int64_t greater = std::count_if(v.begin(), v.end(), [&](uint32_t key) { return key > threshold[s]; });
+    ties_left[s] = need_in_digit[s] - greater;
+  }
+  for (int64_t i = 0; i < items.size(); ++i) {
+    const int64_t s = item_segment[i];
+    if (need_in_digit[s] == 0) continue;
+    uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
+    for (const auto& [key, j] : found[i]) {
+      const bool take = key > threshold[s] || (key == threshold[s] && ties_left[s]-- > 0);
+      if (take) out[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+bool topk_mask_cpu_two_pass(const std::vector<at::Tensor>& tensors, const WorkItems& items,
+                            const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
+                            std::vector<at::Tensor>& bits) {
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_two_pass", [&] {
+    done = two_pass_typed<scalar_t>(tensors, items, item_segment, k, bits);
+  });
+  return done;
+}
 
 MaskBackend cpu_mask_backend() { return MaskBackend{&histogram, &count_ties, &write_mask}; }
 
