@@ -100,9 +100,11 @@ def _cmd_asr(args):
     model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")
+    image_processor = getattr(tokenizer, "image_processor", None)  # present when a processor was saved
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     result = evaluate(model, tokenizer, harmful, safe, judge=RefusalJudge(args.judge), attacks=args.attacks.split(","),
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+                      image_processor=image_processor, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, progress=not args.no_progress)
     row = {"model": os.path.basename(os.path.normpath(args.model))}
     row.update({f"asr_{a}": r["rate"] for a, r in result["asr"].items()})
     if "over_refusal" in result:
@@ -206,7 +208,8 @@ def build_parser():
     asr.add_argument("--safe", help="XSTest CSV (safe rows are used) or JSONL of benign prompts")
     asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
     asr.add_argument("--judge", default="vlguard", choices=["vlguard", "gcg"], help="refusal keyword list")
-    asr.add_argument("--attacks", default="text,one_word", help="comma-separated: text, one_word")
+    asr.add_argument("--attacks", default="text,one_word",
+                     help="comma-separated: text, one_word, figstep (figstep needs a saved image processor)")
     asr.add_argument("--max-new-tokens", type=int, default=64)
     asr.add_argument("--batch-size", type=int, default=16)
     asr.add_argument("--out", default="asr_out", help="folder for asr.json, asr.md, asr.png")

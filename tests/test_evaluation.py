@@ -111,3 +111,25 @@ def test_cli_reports_bad_input(tmp_path):
                           "--harmful", str(SHARED_DATA / "advbench_harmful_behaviors.csv")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "has no config.json" in out.stderr
+
+
+def test_evaluate_with_figstep_images_and_utility(tiny_llava_dir):
+    import unlearn_engine as ue
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from unlearn_engine.api.evaluation import evaluate, utility_score
+
+    model, tok = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+    harmful = ue.read_figstep(str(SHARED_DATA / "figstep_safebench_tiny.csv"))[:3]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    benign = [ue.Record("tell me about a bread", "flour water", "retain")]
+    result = evaluate(model, tok, harmful, benign=benign, attacks=("text", "figstep"), image_processor=processor,
+                      max_new_tokens=3, progress=False)
+    assert set(result["asr"]) == {"text", "figstep", "k_shot"} and result["asr"]["figstep"]["n"] == 3
+    assert result["asr"]["k_shot"]["rate"] >= result["asr"]["figstep"]["rate"]
+    assert 0.0 <= result["utility"]["score"] <= 1.0
+    assert utility_score("flour water", "step one flour") == 0.5
+    with pytest.raises(ValueError, match="figstep attack needs image_processor"):
+        evaluate(model, tok, harmful, attacks=("figstep",), progress=False)
+    with pytest.raises(ValueError, match="unknown attack"):
+        evaluate(model, tok, harmful, attacks=("gcg",), progress=False)

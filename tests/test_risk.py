@@ -32,7 +32,8 @@ def _close(got, want, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,k", [((2, 1, 61), 3), ((3, 17, 61), 5), ((1, 577, 61), 16), ((2, 9, 256), 40)])
+@pytest.mark.parametrize("shape,k", [((2, 1, 61), 3), ((3, 17, 61), 5), ((1, 577, 61), 16), ((2, 9, 256), 40),
+                                     ((1, 17, 4096), 16)])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_threshold_mode(device, dtype, shape, k, inplace):
     U = _basis(shape[-1], k, device)

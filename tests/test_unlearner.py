@@ -88,3 +88,15 @@ def test_kill_and_resume_matches_uninterrupted(trained_dir, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
     assert steps == list(range(1, 151))
+
+
+def test_divergence_guard_stops_ascent(trained_dir):
+    """GA with a bound: samples past the NLL bound stop being ascended, so the forget NLL stays near it."""
+    finals, last_loss = {}, {}
+    for bound in (2.0, 1e9):
+        model, tok = ue.load_vlm(str(trained_dir), dtype="float32")
+        history = ue.Unlearner(model, tok, method="ga", steps=25, lr=1e-2, nll_bound=bound, progress=False).fit(FORGET)
+        finals[bound], last_loss[bound] = ue.mean_nll(model, tok, FORGET), history[-1]["loss"]
+    assert last_loss[2.0] == 0.0  # every forget sample passed the bound: nothing is ascended any more
+    assert last_loss[1e9] != 0.0
+    assert finals[2.0] < 0.5 * finals[1e9], finals  # (Adam's momentum still carries a little past the bound)
