@@ -193,10 +193,15 @@ class Unlearner:
                                  retain_weight=retain_weight, **extra)
         counts = torch.zeros(len(roles), device=self.device).index_add_(0, sample_index, (labels != -100).float())
         nll = (-out.logp / counts.clamp(min=1)).tolist()
+        stats = {}
+        for kind, name in (("f", "forget_nll"), ("r", "retain_nll")):
+            values = [v for key, v in zip(batch["ids"], nll) if key[0] == kind]
+            if values:
+                stats[name] = sum(values) / len(values)
         for key, value in zip(batch["ids"], nll):
             if key[0] == "f":
                 self._forget_nll[key] = value
-        return out.loss, nll
+        return out.loss, stats
 
     def _rmu(self, batch):
         c, lm = self.config, language_model(self.model)
@@ -217,7 +222,7 @@ class Unlearner:
         is_forget = batch["roles"] == ue.FORGET
         f_mask, r_mask = mask & is_forget[:, None], mask & ~is_forget[:, None]
         loss = ue.rmu_loss(acts[f_mask], self._control, acts[r_mask], ref_acts[r_mask], alpha=c.rmu_alpha)
-        return loss, []
+        return loss, {}
 
     def _loss(self, forget, retain, step):
         c = self.config
@@ -231,10 +236,10 @@ class Unlearner:
                                "retain") for i in f_idx]
             batch = self._batch([forget[i] for i in f_idx], mismatch, 0)
             batch["ids"] = [("f", i) for i in f_idx] + [("m", n) for n in range(len(mismatch))]
-            loss_a, nll = self._fused(batch, forget="ga", retain="nll", forget_weight=0.5, retain_weight=1.0)
+            loss_a, stats = self._fused(batch, forget="ga", retain="nll", forget_weight=0.5, retain_weight=1.0)
             loss_b, _ = self._fused(self._batch([], retain, step), forget="ga", retain="kl", forget_weight=0.0,
                                     retain_weight=1.0)
-            return loss_a + loss_b, nll
+            return loss_a + loss_b, {"forget_nll": stats.get("forget_nll")}
         retain_objective = {"ga": None, "gd": "nll", "npo": "nll", "kl": "kl"}[c.method]
         forget_objective = "npo" if c.method == "npo" else "ga"
         batch = self._batch(forget, retain if retain_objective else [], step)
@@ -271,16 +276,14 @@ class Unlearner:
                    total=c.steps)
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss, nll = self._loss(forget, retain, step)
+            loss, stats = self._loss(forget, retain, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
             loss.backward()
             self._average_gradients([p.grad for _, p in self.named_params])
             optimizer.step()
-            record = {"step": step + 1, "loss": float(loss.detach())}
-            roles = [k for k in self._forget_nll]
-            if nll:
-                record["forget_nll"] = sum(self._forget_nll[k] for k in roles) / max(len(roles), 1)
+            record = {"step": step + 1, "loss": float(loss.detach()),
+                      **{k: v for k, v in stats.items() if v is not None}}  # batch NLLs, before this step
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if metrics_path:
