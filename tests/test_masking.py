@@ -104,17 +104,16 @@ def _params(device, sizes=((64, 33), (7,), (3, 5, 9)), dtype=torch.float32):
     return [torch.randn(*s, generator=g).to(device, dtype) for s in sizes]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("compact", [False, True])
-def test_masked_adamw_matches_torch_with_restore(device, compact):
+def _step_against_torch(device, fraction, scope, make_torch, make_ours, steps=5):
+    """5 steps of ours vs the torch optimizer with unselected elements restored after each step: equal on the
+    selected elements, bit for bit untouched elsewhere."""
     params = _params(device)
-    mask = ue.topk_mask([torch.randn_like(p) for p in params], 0.2, scope="per_tensor")
+    mask = ue.topk_mask([torch.randn_like(p) for p in params], fraction, scope=scope)
     dense_masks = [mask.dense(i) for i in range(len(params))]
     ref = [p.clone().requires_grad_() for p in params]
     ours = [p.clone() for p in params]
-    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
-    opt = ue.MaskedOptimizer(ours, mask, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, compact_state=compact)
-    for step in range(5):
+    torch_opt, opt = make_torch(ref), make_ours(ours, mask)
+    for _ in range(steps):
         grads = [torch.randn_like(p) for p in params]
         for r, o, g in zip(ref, ours, grads):
             r.grad, o.grad = g.clone(), g.clone()
@@ -124,6 +123,16 @@ def test_masked_adamw_matches_torch_with_restore(device, compact):
         for r, o, b, m in zip(ref, ours, before, dense_masks):
             torch.testing.assert_close(o[m], r.detach()[m], rtol=1e-6, atol=1e-6)
             assert torch.equal(o[~m], b[~m])  # bit for bit untouched
+    return ref, ours, dense_masks, torch_opt, opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compact", [False, True])
+def test_masked_adamw_matches_torch_with_restore(device, compact):
+    kw = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ref, ours, dense_masks, torch_opt, opt = _step_against_torch(
+        device, 0.2, "per_tensor", lambda p: torch.optim.AdamW(p, foreach=False, **kw),
+        lambda p, mask: ue.MaskedOptimizer(p, mask, compact_state=compact, **kw))
     for r, o, m in zip(ref, ours, dense_masks):
         state, ref_state = opt.state[o], torch_opt.state[r]
         if compact:
@@ -139,24 +148,9 @@ def test_masked_adamw_matches_torch_with_restore(device, compact):
                                                            (0.9, 0.1, False, 0.0), (0.8, 0.0, True, 0.01)])
 @pytest.mark.parametrize("compact", [False, True])
 def test_masked_sgd_matches_torch_with_restore(device, momentum, dampening, nesterov, wd, compact):
-    params = _params(device)
-    mask = ue.topk_mask([torch.randn_like(p) for p in params], 0.3)
-    dense_masks = [mask.dense(i) for i in range(len(params))]
-    ref = [p.clone().requires_grad_() for p in params]
-    ours = [p.clone() for p in params]
     kw = dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd)
-    torch_opt = torch.optim.SGD(ref, foreach=False, **kw)
-    opt = ue.MaskedOptimizer(ours, mask, algorithm="sgd", compact_state=compact, **kw)
-    for _ in range(5):
-        grads = [torch.randn_like(p) for p in params]
-        for r, o, g in zip(ref, ours, grads):
-            r.grad, o.grad = g.clone(), g.clone()
-        before = [o.clone() for o in ours]
-        opt.step()
-        masked_step_reference(torch_opt, ref, dense_masks)
-        for r, o, b, m in zip(ref, ours, before, dense_masks):
-            torch.testing.assert_close(o[m], r.detach()[m], rtol=1e-6, atol=1e-6)
-            assert torch.equal(o[~m], b[~m])
+    _step_against_torch(device, 0.3, "global", lambda p: torch.optim.SGD(p, foreach=False, **kw),
+                        lambda p, mask: ue.MaskedOptimizer(p, mask, algorithm="sgd", compact_state=compact, **kw))
 
 
 @pytest.mark.parametrize("device", DEVICES)

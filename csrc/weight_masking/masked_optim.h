@@ -98,4 +98,19 @@ inline std::vector<int64_t> check_masked_lists(at::TensorList params, at::Tensor
   return counts;
 }
 
+// The SGD kernels' common preamble: checks (momentum buffers only when momentum != 0) and hyper-parameters.
+inline std::vector<int64_t> check_sgd_lists(at::TensorList params, at::TensorList grads,
+                                            at::TensorList momentum_buffers, at::TensorList indices,
+                                            bool compact_state, double momentum) {
+  if (momentum != 0.0)
+    return check_masked_lists(params, grads, {momentum_buffers}, {"momentum_buffers"}, indices, compact_state);
+  return check_masked_lists(params, grads, {}, {}, indices, compact_state);
+}
+
+inline SGDHyper make_sgd_hyper(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                               bool first_step) {
+  return SGDHyper{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
+                  static_cast<float>(weight_decay), nesterov, first_step};
+}
+
 }  // namespace unlearn_engine

@@ -39,12 +39,9 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList indices, bool compact_state, double lr, double momentum, double dampening,
                     double weight_decay, bool nesterov, bool first_step) {
   const bool with_buffers = momentum != 0.0;
-  const auto counts = with_buffers ? check_masked_lists(params, grads, {momentum_buffers}, {"momentum_buffers"},
-                                                        indices, compact_state)
-                                   : check_masked_lists(params, grads, {}, {}, indices, compact_state);
+  const auto counts = check_sgd_lists(params, grads, momentum_buffers, indices, compact_state, momentum);
   const WorkItems items = make_work_items(counts);
-  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
-                   static_cast<float>(weight_decay), nesterov, first_step};
+  const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_sgd_cpu", [&] {
     at::parallel_for(0, items.size(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {

@@ -73,9 +73,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList indices, bool compact_state, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool first_step) {
   const bool with_buffers = momentum != 0.0;
-  const auto counts = with_buffers ? check_masked_lists(params, grads, {momentum_buffers}, {"momentum_buffers"},
-                                                        indices, compact_state)
-                                   : check_masked_lists(params, grads, {}, {}, indices, compact_state);
+  const auto counts = check_sgd_lists(params, grads, momentum_buffers, indices, compact_state, momentum);
   const WorkItems items = make_work_items(counts);
   if (items.size() == 0) return;
   const auto device = params[0].device();
@@ -85,8 +83,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const auto idx = pointer_table(as_vector(indices), device);
   at::Tensor buf;
   if (with_buffers) buf = pointer_table(as_vector(momentum_buffers), device);
-  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
-                   static_cast<float>(weight_decay), nesterov, first_step};
+  const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_sgd_cuda", [&] {
     masked_sgd_kernel<scalar_t><<<items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         table.data_ptr<int64_t>(), p.data_ptr<int64_t>(), g.data_ptr<int64_t>(),
