@@ -47,17 +47,23 @@ def _cmd_unlearn(args):
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries its tokenizer
     config = UnlearnConfig(method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            beta=args.beta, scope=args.scope, mask_fraction=args.mask_fraction, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, rmu_layer=args.rmu_layer)
+                           checkpoint_every=args.checkpoint_every, rmu_layer=args.rmu_layer, parallel=args.parallel)
     before = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain)
-    Unlearner(model, tokenizer, config, out_dir=args.out, progress=not args.no_progress).fit(
-        forget, retain, resume=args.resume)
+    unlearner = Unlearner(model, tokenizer, config, out_dir=args.out, progress=not args.no_progress)
+    unlearner.fit(forget, retain, resume=args.resume)
+    if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
+        state = unlearner.full_state_dict()
+        if unlearner.rank == 0:
+            model, _ = ue.load_vlm(args.model, dtype=args.dtype, device=args.device, load_processor=False)
+            model.load_state_dict(state)
+    if unlearner.rank != 0:
+        return 0
     after = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         after["retain_nll"] = mean_nll(model, tokenizer, retain)
-    if int(os.environ.get("RANK", 0)) == 0:
-        ue.save_vlm(model, os.path.join(args.out, "model"), processor=tokenizer)
+    ue.save_vlm(model, os.path.join(args.out, "model"), processor=tokenizer)
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after,
                "model": os.path.join(args.out, "model")}
     if args.json:
@@ -192,6 +198,8 @@ def build_parser():
     un.add_argument("--scope", default="full", choices=["full", "lora", "mask"])
     un.add_argument("--mask-fraction", type=float, default=0.05)
     un.add_argument("--rmu-layer", type=int, default=1)
+    un.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                    help="under torchrun: average gradients (ddp) or shard with FSDP2 (fsdp)")
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
     un.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

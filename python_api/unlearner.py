@@ -42,6 +42,7 @@ class UnlearnConfig:
     rmu_alpha: float = 10.0        # RMU: retain weight
     nll_bound: float = 15.0        # divergence guard: stop ascending a forget sample once its NLL passes this
     weight_decay: float = 0.0
+    parallel: str = "ddp"          # under torch.distributed: "ddp" (gradients averaged) or "fsdp" (FSDP2 shards)
     seed: int = 0
     checkpoint_every: int = 0
     max_length: int = 256
@@ -58,6 +59,21 @@ class UnlearnConfig:
             raise ValueError(f"lr and beta must be > 0, got lr={self.lr}, beta={self.beta}")
         if not 0 < self.mask_fraction <= 1:
             raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+
+
+class HeadLoss(torch.nn.Module):
+    """The LM head as a module whose forward is the fused unlearning loss: FSDP2 can shard it as a unit
+    (its forward unshards the head weight and its backward reduce-scatters the gradient)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden, labels, sample_index, roles, **options):
+        return ue.unlearning_loss(hidden, self.head.weight, labels, sample_index, roles, bias=self.head.bias,
+                                  **options)
 
 
 def language_model(model):
@@ -83,6 +99,10 @@ class Unlearner:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.named_params = self._select_params()
+        self.head_loss = HeadLoss(model.get_output_embeddings())
+        self.fsdp = self.world > 1 and config.parallel == "fsdp"
+        if self.fsdp:
+            self._shard()
         self._ref_logp_cache = {}
         self._forget_nll = {}
         self.history: List[dict] = []
@@ -115,6 +135,29 @@ class Unlearner:
         for m in modules:
             m.requires_grad_(True)
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def _shard(self):
+        """FSDP2: each decoder layer, the model's base and the head-with-loss become sharded units."""
+        from torch.distributed.fsdp import fully_shard
+
+        c, model = self.config, self.model
+        if c.scope != "full" or c.checkpoint_every:
+            raise ValueError("parallel='fsdp' supports scope='full' without checkpoints (checkpoint_every=0)")
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if head.weight is embed.weight:
+            raise ValueError("parallel='fsdp' needs untied input/output embeddings")
+        for layer in language_model(model).layers:
+            fully_shard(layer)
+        fully_shard(model.base_model)
+        fully_shard(self.head_loss)
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def full_state_dict(self):
+        """The model's state with every sharded tensor gathered (a collective: call it on every rank)."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                for k, v in self.model.state_dict().items()}
 
     def _make_optimizer(self, forget):
         params = [p for _, p in self.named_params]
@@ -175,7 +218,6 @@ class Unlearner:
     # ------------------------------------------------------------------ losses
     def _fused(self, batch, *, forget, retain, forget_weight, retain_weight, guard=True):
         hidden, labels, sample_index = self._hidden(self.model, batch)
-        head = self.model.get_output_embeddings()
         roles = batch["roles"].clone()
         if guard and forget == "ga":
             for i, key in enumerate(batch["ids"]):
@@ -188,9 +230,8 @@ class Unlearner:
             with torch.no_grad():
                 ref_hidden, _, _ = self._hidden(self.ref_model, batch)
             extra.update(ref_hidden=ref_hidden, ref_weight=self.ref_model.get_output_embeddings().weight)
-        out = ue.unlearning_loss(hidden, head.weight, labels, sample_index, roles, bias=head.bias, forget=forget,
-                                 retain=retain, beta=self.config.beta, forget_weight=forget_weight,
-                                 retain_weight=retain_weight, **extra)
+        out = self.head_loss(hidden, labels, sample_index, roles, forget=forget, retain=retain, beta=self.config.beta,
+                             forget_weight=forget_weight, retain_weight=retain_weight, **extra)
         counts = torch.zeros(len(roles), device=self.device).index_add_(0, sample_index, (labels != -100).float())
         nll = (-out.logp / counts.clamp(min=1)).tolist()
         stats = {}
@@ -280,7 +321,8 @@ class Unlearner:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
             loss.backward()
-            self._average_gradients([p.grad for _, p in self.named_params])
+            if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
+                self._average_gradients([p.grad for _, p in self.named_params])
             optimizer.step()
             record = {"step": step + 1, "loss": float(loss.detach()),
                       **{k: v for k, v in stats.items() if v is not None}}  # batch NLLs, before this step
