@@ -272,3 +272,13 @@ def test_mixed_devices_rejected_by_the_op_itself():
         ue.ops.fused_logprob(case["hidden"], case["weight"], None, case["labels"].int(), None, None, None, 8)
     with pytest.raises(RuntimeError, match="must share H"):
         ue.ops.fused_logprob(case["hidden"], case["weight"][:, :5], None, case["labels"], None, None, None, 8)
+
+
+def test_fast_path_refuses_a_second_backward():
+    case = make_case()
+    hidden = case["hidden"].clone().requires_grad_()
+    out = ue.unlearning_loss(hidden, case["weight"], case["labels"], case["sample_index"], case["roles"])
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.loss.backward()
+    assert out.per_sample.grad_fn is None and out.logp.grad_fn is None  # diagnostics on this path
