@@ -72,9 +72,9 @@ class Results:
         for row in self.rows:
             keyed.setdefault(row["case"], {})[row["impl"]] = row
         out = []
-        for case, impls in keyed.items():
+        for impls in keyed.values():
             base = impls.get(self.baseline)
-            for impl, row in impls.items():
+            for row in impls.values():
                 row = dict(row)
                 if base:
                     row["time_ratio"] = row["time_s"] / base["time_s"]

@@ -5,7 +5,6 @@ Step (fraction 0.05): MaskedOptimizer (dense / compact state) vs torch foreach A
 AdamW + gradient masking + restore. Peak extra memory from a fresh process per case.
 """
 import pytest
-import torch
 
 from common import probe_in_subprocess
 from masking_case import FRACTION, SELECT, SHAPES, StepCase, make_tensors

@@ -3,7 +3,6 @@ tokens: batch 32 x 576 tokens x H=4096, rank 16. Time, peak extra memory, and ac
 import pytest
 import torch
 
-import unlearn_engine as ue
 from common import probe_in_subprocess
 from risk_case import CASES, DEVICE, SHAPE, make_inputs
 
@@ -22,7 +21,6 @@ def test_risk_projection(benchmark, results, impl, case):
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     moved = 2 * x.numel() * x.element_size()  # one read and one write of every token: the minimum traffic
-    del x, U
     peak = probe_in_subprocess("bench.risk_case", [case, impl])["peak_extra_bytes"]
     results("risk_projection").add(case=f"{case} B={SHAPE[0]} T={SHAPE[1]} H={SHAPE[2]} k={SHAPE[3]}", impl=impl,
                                    shape=dict(zip("BTHk", SHAPE)), device=DEVICE, time_s=benchmark.stats.stats.min,

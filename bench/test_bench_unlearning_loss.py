@@ -34,7 +34,6 @@ def test_unlearning_loss_fwd_bwd(benchmark, results, impl, forget, retain, n, h,
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     grads = gradient_bytes(args)
-    del args, kwargs
     peak = probe_in_subprocess("bench.loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])["peak_extra_bytes"]
     results("unlearning_loss").add(
         case=f"{forget}+{retain} N={n} H={h} V={v} {DTYPE}", impl=impl, shape=dict(N=n, H=h, V=v, dtype=DTYPE),

@@ -25,6 +25,16 @@ def _cmd_info(args):
     return 0
 
 
+def _load_model(args):
+    """(model, tokenizer, image processor or None) from --model; a saved processor carries both."""
+    import unlearn_engine as ue
+
+    model, processor = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
+    if processor is None:
+        raise ValueError(f"{args.model} has no tokenizer files: prompts cannot be encoded")
+    return model, getattr(processor, "tokenizer", processor), getattr(processor, "image_processor", None)
+
+
 def _cmd_unlearn(args):
     import dataclasses
 
@@ -41,10 +51,7 @@ def _cmd_unlearn(args):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     forget = ue.read_jsonl(args.forget, role="forget")
     retain = ue.read_jsonl(args.retain, role="retain") if args.retain else []
-    model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files: the data cannot be encoded")
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries its tokenizer
+    model, tokenizer, _ = _load_model(args)
     config = UnlearnConfig(method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            beta=args.beta, scope=args.scope, mask_fraction=args.mask_fraction, seed=args.seed,
                            checkpoint_every=args.checkpoint_every, rmu_layer=args.rmu_layer, parallel=args.parallel)
@@ -98,16 +105,11 @@ def _read_prompt_file(path, limit):
 
 
 def _cmd_asr(args):
-    import unlearn_engine as ue
     from unlearn_engine.api.evaluation import RefusalJudge, bar_chart, evaluate, markdown_table, write_json
 
     harmful = _read_prompt_file(args.harmful, args.limit)
     safe = _read_prompt_file(args.safe, args.limit) if args.safe else []
-    model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files")
-    image_processor = getattr(tokenizer, "image_processor", None)  # present when a processor was saved
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    model, tokenizer, image_processor = _load_model(args)
     result = evaluate(model, tokenizer, harmful, safe, judge=RefusalJudge(args.judge), attacks=args.attacks.split(","),
                       image_processor=image_processor, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, progress=not args.no_progress)
@@ -140,8 +142,7 @@ def _cmd_rai(args):
     from unlearn_engine.api.evaluation import generate
     from unlearn_engine.api.toy import image_tokens
 
-    model, tokenizer = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    model, tokenizer, _ = _load_model(args)
     if args.image:
         from PIL import Image
 

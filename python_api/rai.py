@@ -8,7 +8,7 @@ The hook sits on the multimodal projector's output: the visual tokens in the lan
 space, computed during prefill only (decoding steps reuse the cache and never run the projector). Text
 tokens are never touched.
 """
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 

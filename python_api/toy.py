@@ -62,23 +62,20 @@ def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, b
 
     import unlearn_engine as ue
     from unlearn_engine.api.data import encode
+    from unlearn_engine.api.trainer import trainer_loss
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    head = model.get_output_embeddings()
     device = next(model.parameters()).device
     for _ in tqdm(range(steps), desc="train", disable=not progress, leave=False):
         idx = torch.randperm(len(records), generator=g)[:batch_size].tolist()
         batch = encode([records[i] for i in idx], tokenizer, image_loader=image_loader,
                        image_tokens=image_tokens(model) if image_loader else 0)
         batch = {k: v.to(device) for k, v in batch.items()}
-        extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
-        hidden, labels, sample_index = ue.causal_lm_hidden(model, batch["input_ids"], batch["labels"],
-                                                           attention_mask=batch["attention_mask"], **extra)
-        roles = torch.full((len(idx),), ue.RETAIN, device=device)
-        loss = ue.unlearning_loss(hidden, head.weight, labels, sample_index, roles, bias=head.bias).loss
+        batch["roles"] = torch.full((len(idx),), ue.RETAIN, device=device)  # every sample learned
+        loss = trainer_loss(model, batch, retain="nll")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

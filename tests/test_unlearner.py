@@ -1,7 +1,6 @@
 """End to end on a tiny LLaVA: load -> unlearn 20 steps with each method -> forget NLL rises, retain NLL
 holds -> save -> reload identical. Plus checkpoint/resume after SIGKILL."""
 import json
-import os
 import signal
 import subprocess
 import sys
