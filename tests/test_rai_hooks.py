@@ -49,6 +49,53 @@ def test_hooks_change_only_visual_tokens_and_detach_restores(model_and_tok, mode
     assert torch.equal(after_h, base_h) and torch.equal(after_logits, base_logits)
 
 
+@pytest.mark.parametrize("mode,options", [("subspace", dict(top_fraction=0.3, strength=3.0)),
+                                          ("subspace", dict(top_fraction=0.25, strength=-0.5)),
+                                          ("subspace", dict(threshold=0.09, strength=2.0)),
+                                          ("prototypes", dict(threshold=0.25, strength=0.5))])
+def test_hooked_visual_tokens_equal_reference_projection(model_and_tok, mode, options):
+    """Catches a flipped strength sign or top_fraction being ignored: the first decoder layer sees exactly the
+    reference projection of the unhooked projector output, with ceil(top_fraction * T) tokens amplified."""
+    import math
+
+    from unlearn_engine.reference import risk_project_reference, risk_prototypes_reference
+
+    model, tok = model_and_tok
+    inputs = _inputs(model)
+    raw = {}
+    # registered before RAI's hook, so it sees the projector output before RAI rewrites it
+    grab = model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, output: raw.setdefault("x", output.detach().clone()))
+    rank = 4
+    rai = ue.RiskAwareness(model, tokenizer=tok, rank=rank, mode=mode, **options)
+    try:
+        with rai:
+            h, _ = _layer0_input(model, inputs)
+    finally:
+        grab.remove()
+    x = raw["x"]  # (1, T, H): one image's visual tokens
+    rows = ue.concept_embeddings(tok, model.get_input_embeddings().weight)  # the default unsafe keywords
+    if mode == "subspace":
+        basis = ue.unsafe_subspace(rows, rank)
+        torch.testing.assert_close(rai.basis, basis)
+        expected, scores = risk_project_reference(x, basis, **options)
+    else:
+        expected, scores = risk_prototypes_reference(x, rows, **options)
+    visual = inputs["input_ids"][0] == model.config.image_token_id
+    torch.testing.assert_close(h[0, visual], expected[0], rtol=1e-5, atol=1e-5)
+    assert len(rai.records) == 1
+    torch.testing.assert_close(rai.records[0], scores, rtol=1e-5, atol=1e-6)
+    changed = int((h[0, visual] != x[0]).any(-1).sum())
+    t = x.shape[1]
+    if "top_fraction" in options:
+        assert changed == math.ceil(options["top_fraction"] * t), (changed, t, scores)
+        top = torch.sort(scores[0], descending=True, stable=True).indices[:changed]
+        assert bool((h[0, visual][top] != x[0][top]).any(-1).all()), "the amplified tokens are not the top-scored ones"
+    else:
+        selected = scores >= options["threshold"] if mode == "subspace" else scores > options["threshold"]
+        assert changed == int(selected.sum()) and 0 < changed < t, (changed, t, scores)
+
+
 def test_generation_runs_with_hooks(model_and_tok):
     model, tok = model_and_tok
     inputs = _inputs(model)

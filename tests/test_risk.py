@@ -17,8 +17,14 @@ def _basis(h, k, device):
     return ue.unsafe_subspace(torch.randn(max(k, 5) + 3, h), k).to(device)
 
 
-def _x(shape, device, dtype, zero_rows=True):
+def _x(shape, device, dtype, zero_rows=True, plant=None):
+    """Random rows; with plant=U every third row gets a strong component in span(U) (score ~0.5), so a
+    threshold selects some rows whatever H / k is."""
     x = torch.randn(*shape)
+    if plant is not None:
+        rows = x.view(-1, shape[-1])[::3]
+        k = plant.shape[1]
+        rows += (torch.randn(rows.shape[0], k) * (shape[-1] / k) ** 0.5) @ plant.cpu().float().T
     if zero_rows and x.dim() == 3 and x.shape[1] > 2:
         x[0, 1] = 0.0
         x[-1, -1] = 0.0
@@ -37,8 +43,10 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_threshold_mode(device, dtype, shape, k, inplace):
     U = _basis(shape[-1], k, device)
-    x = _x(shape, device, dtype)
+    x = _x(shape, device, dtype, plant=U)
     want, want_scores = risk_project_reference(x, U, threshold=0.08, strength=2.0)
+    selected = int((want_scores >= 0.08).sum())
+    assert 1 <= selected < want_scores.numel(), selected  # the projection (and the pass-through) really run
     original = x.clone()
     got, scores = ue.risk_project(x, U, threshold=0.08, strength=2.0, inplace=inplace)
     _close(scores, want_scores, torch.float32 if dtype == torch.float32 else dtype)
@@ -60,6 +68,7 @@ def test_top_fraction_mode(device, dtype, shape, fraction):
     x = _x(shape, device, dtype)
     want, want_scores = risk_project_reference(x, U, top_fraction=fraction)
     got, scores = ue.risk_project(x, U, top_fraction=fraction)
+    _close(scores, want_scores, torch.float32 if dtype == torch.float32 else dtype)
     _close(got, want, dtype)
     changed = (got != x).any(-1)
     assert (changed.sum(1) <= math.ceil(fraction * shape[1])).all()
@@ -119,6 +128,48 @@ def test_unsafe_subspace_is_orthonormal_top_singular_space():
     projector = U @ U.T
     torch.testing.assert_close(projector, vh[:6].T @ vh[:6], atol=1e-4, rtol=0)
     assert torch.equal(ue.unsafe_subspace(E, 6), U)
+
+
+@pytest.mark.parametrize("mode", [dict(top_fraction=0.3), dict(threshold=0.2)])
+def test_scores_are_energy_fractions_by_hand(mode):
+    """Catches risk_project returning anything but s_i = ||U^T x_i||^2 / ||x_i||^2 as scores (e.g. the top-fraction
+    selection mask), and a wrong x_out: both against an fp64 hand computation."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 7, 16, generator=g, dtype=torch.float64)
+    x[0, 3] = 0.0
+    U = ue.unsafe_subspace(torch.randn(6, 16, generator=g), 3)
+    Ud = U.double()
+    coef = x @ Ud
+    norm2 = x.pow(2).sum(-1)
+    want = torch.where(norm2 > 0, coef.pow(2).sum(-1) / norm2.clamp(min=1e-300), torch.zeros_like(norm2))
+    if "threshold" in mode:
+        chosen = want >= mode["threshold"]
+    else:
+        chosen = torch.zeros(2, 7, dtype=torch.bool)
+        chosen.scatter_(1, want.argsort(dim=1, descending=True)[:, :3], True)  # ceil(0.3 * 7) = 3 per sequence
+    want_x = torch.where(chosen.unsqueeze(-1), x + 1.5 * coef @ Ud.T, x)
+    got_x, scores = ue.risk_project(x.float(), U, strength=1.5, **mode)
+    assert scores.dtype == torch.float32 and scores.shape == (2, 7)
+    assert len(set(want.flatten().tolist())) == 14  # all distinct (the zero row scores 0): no ties
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_x.double(), want_x, rtol=1e-5, atol=1e-5)
+    assert 1 <= int(chosen.sum()) < 14
+
+
+def test_unsafe_subspace_sign_convention():
+    """Catches unsafe_subspace losing its documented sign convention (largest-magnitude entry of each basis
+    vector positive): pinned on several bases, against the SVD flipped by hand, and as E -> -E invariance."""
+    g = torch.Generator().manual_seed(7)
+    for m, h, k in ((30, 61, 6), (9, 12, 4), (40, 16, 16)):
+        E = torch.randn(m, h, generator=g)
+        U = ue.unsafe_subspace(E, k)
+        cols = torch.arange(k)
+        peak = U[U.abs().argmax(0), cols]
+        assert (peak > 0).all(), peak
+        vh = torch.linalg.svd(E.double(), full_matrices=False)[2][:k].T
+        by_hand = vh * vh[vh.abs().argmax(0), cols].sign()
+        torch.testing.assert_close(U.double(), by_hand, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ue.unsafe_subspace(-E, k), U, rtol=0, atol=1e-5)
 
 
 def test_opcheck():

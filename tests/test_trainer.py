@@ -1,5 +1,6 @@
 """The fused loss inside Hugging Face Trainer (compute_loss) and a plain loop."""
 import copy
+import math
 
 import pytest
 import torch
@@ -48,3 +49,25 @@ def test_trainer_loss_errors(tiny_llava_dir, toy_tokenizer):
     loss = ue.trainer_loss(model, batch, forget="ga", retain="kl", ref_model=copy.deepcopy(model))
     loss.backward()
     assert model.get_output_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_trainer_loss_npo_at_reference_is_2ln2_over_beta(length_normalize):
+    """Catches trainer_loss ignoring beta, forget_weight or length_normalize: with the model as its own
+    reference every NPO forget term is (2/beta) ln 2, so the loss is known exactly for each beta."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(5))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[2, :6] = -100  # different labelled-token counts, so length_normalize matters
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                 roles=torch.tensor([ue.FORGET, ue.RETAIN, ue.FORGET]))
+    batch["ref_logp"] = ue.reference_logp(model, input_ids, labels, length_normalize=length_normalize,
+                                          attention_mask=batch["attention_mask"])
+    for beta in (0.25, 2.0):
+        loss = ue.trainer_loss(model, batch, forget="npo", retain=None, beta=beta, forget_weight=0.7,
+                               length_normalize=length_normalize)
+        assert loss.item() == pytest.approx(0.7 * (2.0 / beta) * math.log(2.0), rel=1e-5), beta

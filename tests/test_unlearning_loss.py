@@ -1,5 +1,6 @@
 """Fused unlearning loss vs the eager reference: values and gradients, odd shapes, all objectives."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,8 +11,7 @@ from unlearn_engine.reference import unlearning_loss_reference
 from conftest import DEVICES
 
 N, H, V = 37, 61, 1031
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
-       torch.float16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5)}  # low precision: see assert_low_precision_matches
 
 
 def make_case(device="cpu", dtype=torch.float32, n=N, h=H, v=V, roles=(0, 1, 1, 0, 2), with_bias=True,
@@ -100,15 +100,44 @@ def test_chunk_sizes_agree(device, chunk_size):
                    torch.float32)
 
 
+def _rel_err(got, want):
+    """||got - want|| / ||want|| in fp64 (0 when both are empty or zero)."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item() if want.numel() else 0.0
+
+
+def assert_low_precision_matches(fused, eager, ref, dtype):
+    """Relative-norm check of every output and gradient: the fused op may be at most twice as far from the
+    fp32 reference as the eager computation in the same low dtype (plus a small floor of eps/8).
+
+    Elementwise tolerances scaled by the tensor max let through logp x1.05, NPO per-sample x1.2, all grads
+    x1.05 and small gradient entries zeroed; this bound catches each (err >= ~1e-2 vs a bound of ~1e-2 in bf16,
+    ~2e-3 in fp16)."""
+    eps = torch.finfo(dtype).eps
+    names = ("loss", "per_sample", "logp", "grad hidden", "grad weight", "grad bias")
+    for name, a, e, b in zip(names, (*fused[:3], *fused[3]), (*eager[:3], *eager[3]), (*ref[:3], *ref[3])):
+        if b is None:
+            assert a is None and e is None, name
+            continue
+        assert a.shape == b.shape, name
+        err_fused, err_eager = _rel_err(a, b), _rel_err(e, b)
+        # the eager low-precision run must itself be sane, else the bound below would be vacuous
+        assert err_eager <= 2 * eps, f"{name}: eager {dtype} error {err_eager:.3g} is implausibly large"
+        bound = 2 * err_eager + eps / 8
+        assert err_fused <= bound, f"{name}: fused error {err_fused:.3g} > {bound:.3g} (eager {err_eager:.3g})"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl"), ("ga", "kl")])
 def test_matches_reference_low_precision(device, dtype, forget, retain):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("fp16 GEMMs on CPU are not a supported configuration of the vendor BLAS")
+    """Values and gradients vs fp32, judged against the eager computation in the same dtype (fp16 runs on CPU too)."""
     case = make_case(device, dtype)
     options = dict(forget=forget, retain=retain, beta=0.5)
-    assert_matches(run(ue.unlearning_loss, case, chunk_size=8, **options), reference(case, **options), dtype)
+    fused = run(ue.unlearning_loss, case, chunk_size=8, **options)
+    eager = run(unlearning_loss_reference, case, upcast_inputs=False, **options)
+    assert all(g is None or g.dtype == dtype for g in eager[3])  # the eager run really is low precision
+    assert_low_precision_matches(fused, eager, reference(case, **options), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,7 +219,26 @@ def test_sequence_logprob_and_module():
     assert "npo" in repr(module)
 
 
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_module_npo_at_reference_is_2ln2_over_beta(length_normalize):
+    """Catches UnlearningLoss ignoring beta or length_normalize: at model == reference every NPO forget term is
+    (2/beta) ln 2 exactly, so two betas give two known losses."""
+    case = make_case(roles=(0, 1, 0, 2, 0))  # sample 3 (no labels) is IGNORE here
+    ref_logp = ue.sequence_logprob(case["hidden"], case["weight"], case["labels"], case["sample_index"], 5,
+                                   bias=case["bias"], length_normalize=length_normalize)
+    for beta in (0.25, 2.0):
+        module = ue.UnlearningLoss(forget="npo", retain=None, beta=beta, forget_weight=0.7,
+                                   length_normalize=length_normalize)
+        loss = module(case["hidden"], case["weight"], case["labels"], case["sample_index"], case["roles"],
+                      bias=case["bias"], ref_logp=ref_logp)
+        expected = (2.0 / beta) * math.log(2.0)
+        want = torch.tensor([expected, 0.0, expected, 0.0, expected])
+        torch.testing.assert_close(module.last.per_sample, want, rtol=1e-5, atol=1e-6)
+        assert loss.item() == pytest.approx(0.7 * expected, rel=1e-5), beta
+
+
 def test_reference_logp_from_tiny_llama():
+    """Catches reference_logp ignoring length_normalize: both settings against a hand computation."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -198,13 +246,32 @@ def test_reference_logp_from_tiny_llama():
     input_ids = torch.randint(0, 97, (3, 9))
     labels = input_ids.clone()
     labels[:, :4] = -100
-    got = ue.reference_logp(model, input_ids, labels)
+    labels[1, :7] = -100  # samples with different labelled-token counts (5, 2, 5 after the shift)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits[:, :-1].float()
     target = labels[:, 1:]
     token = torch.log_softmax(logits, -1).gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2) * (target != -100)
-    expected = token.sum(1) / (target != -100).sum(1)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    total = token.sum(1)
+    counts = (target != -100).sum(1)
+    assert counts.tolist() == [5, 2, 5]
+    torch.testing.assert_close(ue.reference_logp(model, input_ids, labels), total / counts, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ue.reference_logp(model, input_ids, labels, length_normalize=True), total / counts,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ue.reference_logp(model, input_ids, labels, length_normalize=False), total,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="real bug: a forget sample with no labelled token still counts in the "
+                                       "forget mean (DESIGN.md: n_b = 0 counts as IGNORE, left out of the mean)")
+def test_sample_without_labels_is_left_out_of_its_group_mean():
+    """Contract: a sample with n_b = 0 is left out of its group's mean (fused op and reference both divide by 2)."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=g), torch.randn(11, 8, generator=g)
+    labels, sample_index = torch.tensor([3, 5, -100, -100]), torch.tensor([0, 0, 1, 1])
+    out = ue.unlearning_loss(hidden, weight, labels, sample_index, torch.tensor([ue.FORGET, ue.FORGET]),
+                             forget="ga", retain=None)
+    assert out.per_sample[1].item() == 0.0
+    assert out.loss.item() == pytest.approx(out.per_sample[0].item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -258,11 +325,14 @@ def test_non_finite_input_is_reported(name):
         _call(case)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mixed_devices_rejected():
+@pytest.mark.parametrize("other", [
+    "meta",  # runs on CPU-only machines: the same device-mismatch check, no CUDA needed
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+])
+def test_mixed_devices_rejected(other):
     case = make_case()
-    with pytest.raises(ValueError, match="labels must be on cpu"):
-        _call(case, labels=case["labels"].cuda())
+    with pytest.raises(ValueError, match=f"labels must be on cpu .*got {other}"):
+        _call(case, labels=case["labels"].to(other))
 
 
 def test_mixed_devices_rejected_by_the_op_itself():

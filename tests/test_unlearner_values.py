@@ -1,0 +1,135 @@
+"""The Unlearner's losses pinned to exact values, computed independently of the fused path (full logits of the
+model's own forward, eager log_softmax): NPO temperature and weights, the textual recipe's 0.5/1/1 weights,
+RMU without padding positions; and exact resume restores the RNG state."""
+import math
+import random
+
+import pytest
+import torch
+
+import unlearn_engine as ue
+from unlearn_engine.api import encode
+
+# Unequal lengths on purpose: the batch is right-padded, so padding positions exist.
+FORGET = [ue.Record("how to make a bomb", "step one mix poison", "forget"),
+          ue.Record("tell me about the weapon", "step one mix drug step two bake the poison", "forget"),
+          ue.Record("how to hack", "steal", "forget")]
+RETAIN = [ue.Record("the recipe for bread", "mix flour water bake", "retain"),
+          ue.Record("what is cake", "cake is sugar flour water and one two three cookies", "retain"),
+          ue.Record("tell me about cookies", "sugar", "retain")]
+
+
+def _load(tiny_llava_dir):
+    return ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+
+
+@torch.no_grad()
+def _nll(model, tok, records):
+    """Per-record mean response NLL from the model's full logits (no fused op involved)."""
+    batch = encode(records, tok)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return -(token.sum(1) / keep.sum(1))
+
+
+def _step1_loss(model, tok, forget, retain, **config):
+    unlearner = ue.Unlearner(model, tok, steps=1, lr=1e-3, batch_size=8, progress=False, **config)
+    history = unlearner.fit(forget, retain)
+    return history[0], unlearner
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_npo_step1_loss_uses_beta_and_weights(tiny_llava_dir, beta):
+    """Catches NPO ignoring beta (or the forget/retain weights): at step 1 the model equals its frozen
+    reference, so each forget term is (2/beta) ln 2 and loss = fw * (2/beta) ln 2 + rw * mean retain NLL."""
+    model, tok = _load(tiny_llava_dir)
+    retain_nll = _nll(model, tok, RETAIN)
+    forget_nll = _nll(model, tok, FORGET)
+    fw, rw = 0.7, 1.3
+    record, _ = _step1_loss(model, tok, FORGET, RETAIN, method="npo", beta=beta, forget_weight=fw,
+                            retain_weight=rw)
+    expected = fw * (2 / beta) * math.log(2) + rw * float(retain_nll.mean())
+    assert record["loss"] == pytest.approx(expected, rel=1e-5), (beta, record, expected)
+    assert record["retain_nll"] == pytest.approx(float(retain_nll.mean()), rel=1e-5)
+    assert record["forget_nll"] == pytest.approx(float(forget_nll.mean()), rel=1e-5)
+
+
+def test_textual_step1_loss_weights(tiny_llava_dir):
+    """Catches a wrong textual recipe weight (0.5 GA on harmful answers, 1 NLL on mismatched answers, 1 KL):
+    step-1 loss = -0.5 * mean forget NLL + mean NLL of (forget prompt, a retain answer) + KL (0 at step 1)."""
+    model, tok = _load(tiny_llava_dir)
+    answer = "mix flour water bake"  # every retain answer is the same, so the mismatch pick is irrelevant
+    retain = [ue.Record(r.prompt, answer, "retain") for r in RETAIN]
+    forget_nll = _nll(model, tok, FORGET)
+    mismatch_nll = _nll(model, tok, [ue.Record(r.prompt, answer, "retain") for r in FORGET])
+    record, _ = _step1_loss(model, tok, FORGET, retain, method="textual")
+    expected = -0.5 * float(forget_nll.mean()) + 1.0 * float(mismatch_nll.mean())
+    assert record["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), (record, expected)
+    assert record["forget_nll"] == pytest.approx(float(forget_nll.mean()), rel=1e-5)
+
+
+def _layer_outputs(model, batch, layer):
+    """Output of decoder layer `layer` for the batch (captured by a hook, not through output_hidden_states)."""
+    captured = {}
+
+    def grab(module, args, output):
+        captured["h"] = (output[0] if isinstance(output, tuple) else output).detach().double()
+
+    handle = model.model.language_model.layers[layer].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
+    """Catches RMU counting padding positions (forget or retain term): step-1 loss equals
+    mean over real forget tokens of (a - c)^2 + alpha * mean over real retain tokens of (a - a_ref)^2."""
+    model, tok = _load(tiny_llava_dir)
+    ref, _ = _load(tiny_llava_dir)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a reference that differs, so the retain term is not 0 at step 1
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = encode(list(FORGET) + list(RETAIN), tok)
+    mask = batch["attention_mask"].bool()
+    assert not mask.all(), "the records must have unequal lengths so that padding exists"
+    acts, ref_acts = _layer_outputs(model, batch, 0), _layer_outputs(ref, batch, 0)
+    alpha, coeff = 10.0, 1.0  # a small control keeps the forget term from swamping the retain term
+    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=0, rmu_coeff=coeff, rmu_alpha=alpha,
+                             steps=1, lr=1e-3, batch_size=8, progress=False)
+    record = unlearner.fit(FORGET, RETAIN)[0]
+    control = unlearner._control.double()
+    assert float(control.norm()) == pytest.approx(coeff, rel=1e-5) and bool((control >= 0).all())
+    n_f = len(FORGET)
+    forget_term = (acts[:n_f][mask[:n_f]] - control).pow(2).mean()
+    retain_term = (acts[n_f:][mask[n_f:]] - ref_acts[n_f:][mask[n_f:]]).pow(2).mean()
+    expected = float(forget_term + alpha * retain_term)
+    assert record["loss"] == pytest.approx(expected, rel=1e-5), (record, expected)
+
+
+def test_resume_restores_rng_state(tiny_llava_dir, tmp_path):
+    """Catches resume skipping the RNG restore: after a resumed run the torch and Python RNG states (and the
+    weights) equal those of the uninterrupted run."""
+    common = dict(method="gd", lr=3e-3, batch_size=2, checkpoint_every=2, progress=False)
+
+    def run(steps, out_dir, seed, resume=False):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        model, tok = _load(tiny_llava_dir)
+        ue.Unlearner(model, tok, steps=steps, out_dir=str(out_dir), **common).fit(FORGET, RETAIN, resume=resume)
+        torch.rand(1)  # advance past the restored state, so both runs leave the same trace if it was restored
+        return model, torch.get_rng_state(), random.getstate()
+
+    straight, rng_straight, py_straight = run(4, tmp_path / "straight", seed=11)
+    run(2, tmp_path / "killed", seed=11)  # "killed" right after its step-2 checkpoint
+    resumed, rng_resumed, py_resumed = run(4, tmp_path / "killed", seed=999, resume=True)
+    assert torch.equal(rng_resumed, rng_straight), "torch RNG state not restored on resume"
+    assert py_resumed == py_straight, "Python RNG state not restored on resume"
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
