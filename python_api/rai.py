@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from unlearn_engine.risk import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
+from unlearn_engine.risk_projection import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
 
 
 def find_projector(model):

@@ -10,7 +10,7 @@ and pixel_values for images. Set TrainingArguments(remove_unused_columns=False) 
 """
 import torch
 
-import unlearn_engine as ue
+from unlearn_engine.unlearning_loss import causal_lm_hidden, unlearning_loss
 
 MODEL_INPUTS = ("attention_mask", "pixel_values", "image_sizes")
 
@@ -23,17 +23,17 @@ def trainer_loss(model, inputs, *, forget="ga", retain="nll", beta=0.1, forget_w
         if key not in inputs:
             raise ValueError(f"the batch lacks {key!r} (with HF Trainer, set remove_unused_columns=False)")
     extra = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-    hidden, labels, sample_index = ue.causal_lm_hidden(model, inputs["input_ids"], inputs["labels"], **extra)
+    hidden, labels, sample_index = causal_lm_hidden(model, inputs["input_ids"], inputs["labels"], **extra)
     head = model.get_output_embeddings()
     refs = {}
     if retain == "kl":
         if ref_model is None:
             raise ValueError("retain='kl' needs ref_model (a frozen copy of the model)")
         with torch.no_grad():
-            refs["ref_hidden"], _, _ = ue.causal_lm_hidden(ref_model, inputs["input_ids"], inputs["labels"], **extra)
+            refs["ref_hidden"], _, _ = causal_lm_hidden(ref_model, inputs["input_ids"], inputs["labels"], **extra)
         refs["ref_weight"] = ref_model.get_output_embeddings().weight
     if forget == "npo":
         refs["ref_logp"] = inputs.get("ref_logp")
-    return ue.unlearning_loss(hidden, head.weight, labels, sample_index, inputs["roles"], bias=head.bias,
+    return unlearning_loss(hidden, head.weight, labels, sample_index, inputs["roles"], bias=head.bias,
                               forget=forget, retain=retain, beta=beta, forget_weight=forget_weight,
                               retain_weight=retain_weight, length_normalize=length_normalize, **refs).loss

@@ -9,7 +9,7 @@ import torch
 
 from unlearn_engine.api.evaluation import (KnowledgeJudge, RefusalJudge, attack_success_rate, one_word_rephrase,
                                            over_refusal_rate, render_typographic)
-from unlearn_engine.api.mirage import MirageWorld, World, run_mirage
+from unlearn_engine.api.demo.mirage import MirageWorld, World, run_mirage
 
 from conftest import SHARED_DATA
 
