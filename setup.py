@@ -7,13 +7,15 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
+    VERSION = tomllib.load(_f)["project"]["version"]
 
 
 def find_cuda_home():
@@ -70,15 +72,7 @@ def extension():
 
 
 setup(
-    name="unlearn_engine",
-    version=VERSION,
-    description="Fused C++/CUDA kernels and tools for safety unlearning of vision-language models",
-    packages=["unlearn_engine", "unlearn_engine.reference", "unlearn_engine.api"],
-    # python_api/ is the thin high-level layer; it is installed as unlearn_engine.api.
-    package_dir={"unlearn_engine.api": "python_api"},
+    # Metadata, dependencies, packages and the console script are in pyproject.toml; this file adds the extension.
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["unlearn-engine=unlearn_engine.api.cli:main"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm"],
 )

@@ -2,9 +2,9 @@
 tokens: batch 32 x 576 tokens x H=4096, rank 16. Time, peak extra memory, and achieved bandwidth."""
 import pytest
 import torch
+from risk_case import CASES, DEVICE, SHAPE, make_inputs
 
 from common import probe_in_subprocess
-from risk_case import CASES, DEVICE, SHAPE, make_inputs
 
 ROUNDS = 3 if DEVICE == "cpu" else 20
 

@@ -5,9 +5,9 @@ Run: make bench   (or: .venv/bin/python -m pytest bench -k unlearning_loss -s)
 """
 import pytest
 import torch
+from loss_case import gradient_bytes, make_inputs, step
 
 from common import probe_in_subprocess
-from loss_case import gradient_bytes, make_inputs, step
 
 if torch.cuda.is_available():
     DEVICE, DTYPE = "cuda", "bfloat16"

@@ -5,9 +5,9 @@ Step (fraction 0.05): MaskedOptimizer (dense / compact state) vs torch foreach A
 AdamW + gradient masking + restore. Peak extra memory from a fresh process per case.
 """
 import pytest
+from masking_case import FRACTION, SELECT, SHAPES, StepCase, make_tensors
 
 from common import probe_in_subprocess
-from masking_case import FRACTION, SELECT, SHAPES, StepCase, make_tensors
 
 ROUNDS = 3
 SHAPE = dict(tensors=len(SHAPES), shape=list(SHAPES[0]), fraction=FRACTION, dtype="float32")

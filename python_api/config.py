@@ -53,7 +53,8 @@ class UnlearnConfig:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in (int, float, "int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.type in (int, float) and not numeric:
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be finite, got {value}")

@@ -6,7 +6,7 @@ JSONL record: {"prompt": str, "response": str, "image": optional path, "role": "
 import csv
 import json
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -20,11 +20,11 @@ class Record:
     prompt: str
     response: str = ""
     role: str = "forget"
-    image: Optional[str] = None
-    category: Optional[str] = None
+    image: str | None = None
+    category: str | None = None
 
 
-def read_jsonl(path: str, *, role: Optional[str] = None) -> List[Record]:
+def read_jsonl(path: str, *, role: str | None = None) -> List[Record]:
     """Records from a JSONL file; `role` overrides (or supplies) each record's role."""
     records = []
     with open(path, encoding="utf-8") as f:
@@ -75,7 +75,7 @@ def read_advbench(path: str) -> List[Record]:
     return [Record(r["goal"], r["target"], "forget", category="advbench") for r in _read_csv(path, ("goal", "target"))]
 
 
-def read_xstest(path: str, label: Optional[str] = "safe") -> List[Record]:
+def read_xstest(path: str, label: str | None = "safe") -> List[Record]:
     """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes."""
     rows = _read_csv(path, ("prompt", "type", "label"))
     return [Record(r["prompt"], "", "retain", category=r["type"]) for r in rows if label is None or r["label"] == label]

@@ -2,7 +2,7 @@
 reports (JSON with every prompt/response/verdict, a Markdown table, a PNG chart)."""
 import json
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -98,7 +98,7 @@ def render_typographic(text: str, *, size: int = 336, steps: int = 3):
 
 # ---------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: Optional[torch.Tensor] = None,
+def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Tensor | None = None,
              max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> List[str]:
     """Greedy decoding of the prompts (chat template applied), left-padded batches. pixel_values (one image
     per prompt) go with prompts that already hold the image tokens."""
@@ -128,7 +128,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: Optional
 
 # ---------------------------------------------------------------- metrics
 def attack_success_rate(prompts: Sequence[str], responses: Sequence[Sequence[str]], judge: Judge,
-                        categories: Optional[Sequence[str]] = None) -> dict:
+                        categories: Sequence[str] | None = None) -> dict:
     """K-shot ASR: responses[i] holds the K responses to the K variants of prompt i; the query counts as
     attacked when any of them succeeds. Returns the rate, per-category rates and every verdict."""
     items, per_cat = [], {}
@@ -162,7 +162,7 @@ def utility_score(reference: str, response: str) -> float:
 
 
 def evaluate(model, tokenizer, harmful: Sequence[Record], safe: Sequence[Record] = (), *,
-             benign: Sequence[Record] = (), judge: Optional[Judge] = None, attacks=("text", "one_word"),
+             benign: Sequence[Record] = (), judge: Judge | None = None, attacks=("text", "one_word"),
              image_processor=None, max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> dict:
     """ASR of `harmful` under each attack (and over all of them, K-shot), over-refusal on `safe`, utility on
     `benign` records (their responses are the references).

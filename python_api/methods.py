@@ -12,7 +12,7 @@ Adding a method: subclass UnlearningMethod, give it a `name`, implement `loss`, 
 
 It is then reachable as Unlearner(method="mine") and `unlearn-engine unlearn --method mine`.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -74,7 +74,7 @@ def get_method(name: str) -> UnlearningMethod:
 class FusedObjective(UnlearningMethod):
     """A forget objective and an optional retain objective of the fused loss, on mixed forget/retain batches."""
 
-    def __init__(self, name: str, forget: str, retain: Optional[str], description: str):
+    def __init__(self, name: str, forget: str, retain: str | None, description: str):
         self.name, self.forget, self.retain, self.description = name, forget, retain, description
         self.needs_reference = forget == "npo" or retain == "kl"
         self.needs_retain = retain is not None

@@ -15,8 +15,9 @@ from unlearn_engine.unlearning_loss import causal_lm_hidden, unlearning_loss
 MODEL_INPUTS = ("attention_mask", "pixel_values", "image_sizes")
 
 
-def trainer_loss(model, inputs, *, forget="ga", retain="nll", beta=0.1, forget_weight=1.0, retain_weight=1.0,
-                 ref_model=None, length_normalize=True):
+def trainer_loss(model: torch.nn.Module, inputs: dict, *, forget: str = "ga", retain: str | None = "nll",
+                 beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0,
+                 ref_model: torch.nn.Module | None = None, length_normalize: bool = True) -> torch.Tensor:
     """The scalar unlearning loss of one batch, through the model's base (no N x V logits) and the fused op.
     retain="kl" needs ref_model (frozen); forget="npo" needs inputs["ref_logp"]."""
     for key in ("input_ids", "labels", "roles"):

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -45,8 +45,9 @@ class Unlearner:
     """Runs one unlearning method on a model; `config` (or keyword overrides of UnlearnConfig's fields) sets it.
     Methods call back into batch(), indices() and fused_loss()."""
 
-    def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None, *, ref_model=None,
-                 out_dir: Optional[str] = None, progress: bool = True, **overrides):
+    def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
+                 ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
+                 **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -141,7 +142,8 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        batch = {k: v.to(self.device) for k, v in encode(records, self.tokenizer, max_length=self.config.max_length).items()}
+        encoded = encode(records, self.tokenizer, max_length=self.config.max_length)
+        batch = {k: v.to(self.device) for k, v in encoded.items()}
         batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
@@ -165,7 +167,7 @@ class Unlearner:
         return torch.tensor([self._ref_logp_cache[k] for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
-    def fused_loss(self, batch: dict, *, forget: str, retain: Optional[str], forget_weight: float = 1.0,
+    def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
                    retain_weight: float = 1.0, guard: bool = True):
         """The fused unlearning loss of `batch` and its per-group NLL stats; the divergence guard drops forget
         samples whose NLL passed nll_bound from gradient ascent."""
@@ -265,7 +267,8 @@ def merge_lora_(model):
 
 
 @torch.no_grad()
-def mean_nll(model, tokenizer, records: Sequence[Record], *, batch_size: int = 16, max_length: int = 256) -> float:
+def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
+             max_length: int = 256) -> float:
     """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path."""
     device = next(model.parameters()).device
     values = []

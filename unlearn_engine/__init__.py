@@ -9,6 +9,15 @@ This file is the one facade: it re-exports the kernel layer (this package's modu
 that defines what it uses.
 """
 from unlearn_engine._library import build_info, ops
+
+# The high-level layer, after the kernel layer it builds on.
+from unlearn_engine.api.config import UnlearnConfig
+from unlearn_engine.api.data import Record, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
+from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
+from unlearn_engine.api.methods import UnlearningMethod, register_method
+from unlearn_engine.api.rai import RiskAwareness
+from unlearn_engine.api.trainer import trainer_loss
+from unlearn_engine.api.unlearner import Unlearner, mean_nll
 from unlearn_engine.risk_projection import (
     DEFAULT_UNSAFE_KEYWORDS,
     concept_embeddings,
@@ -28,15 +37,6 @@ from unlearn_engine.unlearning_loss import (
     unlearning_loss,
 )
 from unlearn_engine.weight_masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
-
-# The high-level layer, after the kernel layer it builds on.
-from unlearn_engine.api.config import UnlearnConfig
-from unlearn_engine.api.data import Record, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
-from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
-from unlearn_engine.api.methods import UnlearningMethod, register_method
-from unlearn_engine.api.rai import RiskAwareness
-from unlearn_engine.api.trainer import trainer_loss
-from unlearn_engine.api.unlearner import Unlearner, mean_nll
 
 __version__ = build_info()["version"]
 

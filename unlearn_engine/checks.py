@@ -1,6 +1,6 @@
 """Argument checks shared by every op wrapper: each failure is a ValueError that names the argument,
 what was expected and what was got."""
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -17,8 +17,8 @@ def require(condition: bool, message: str) -> None:
         fail(message)
 
 
-def check_tensor(t, name: str, *, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None, floating: bool = False) -> None:
+def check_tensor(t, name: str, *, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None, floating: bool = False) -> None:
     require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if shape is not None:
         require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -5,7 +5,7 @@ unsafe keywords, score each visual token against it, and amplify the risk direct
 tokens. Kernels in csrc/risk_projection; RiskAwareness attaches them to a LLaVA-family model by hooks.
 """
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -94,8 +94,9 @@ def _run_rows(x, basis, select, mode, threshold, strength, inplace):
     return out.reshape(x.shape), scores.reshape(x.shape[:-1])
 
 
-def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: Optional[float] = None,
-                 top_fraction: Optional[float] = None, strength: float = 1.0, inplace: bool = False):
+def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: float | None = None,
+                 top_fraction: float | None = None, strength: float = 1.0,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Subspace mode: s_i = ||U^T x_i||^2 / ||x_i||^2 (0 for a zero row); selected rows (s_i >= threshold, or
     among the ceil(top_fraction * T) highest scores of their sequence for x of shape (B, T, H), ties to the
     earlier token) become x_i + strength * U U^T x_i. Returns (x_out, scores fp32 of shape x.shape[:-1])."""
@@ -123,7 +124,7 @@ def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: Optional[float]
 
 
 def risk_prototypes(x: torch.Tensor, P: torch.Tensor, *, threshold: float, strength: float = 1.0,
-                    inplace: bool = False):
+                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prototype mode: c_ik = cos(x_i, p_k); x_i += strength * sum_{k: c_ik > threshold} c_ik p_k / ||p_k||.
     Returns (x_out, max_k c_ik) (0 for a zero row)."""
     _check_basis(P.T if isinstance(P, torch.Tensor) and P.dim() == 2 else P, "P^T", orthonormal=False)
@@ -138,7 +139,7 @@ def risk_prototypes(x: torch.Tensor, P: torch.Tensor, *, threshold: float, stren
 
 
 def concept_embeddings(tokenizer, embedding_matrix: torch.Tensor,
-                       keywords: Optional[Sequence[str]] = None) -> torch.Tensor:
+                       keywords: Sequence[str] | None = None) -> torch.Tensor:
     """One row per keyword: the mean input embedding of its tokens (no special tokens). Keywords that the
     tokenizer maps to nothing, or only to unknown tokens, are skipped; an error if none is left."""
     if keywords is None:

@@ -13,10 +13,11 @@ Two paths, chosen automatically:
   that autograd hands it. Per-sample outputs are differentiable on this path.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from unlearn_engine._library import ops
 from unlearn_engine.checks import check_tensor, require
@@ -188,7 +189,8 @@ def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, 
     if ref_bias is not None:
         check_tensor(ref_bias, "ref_bias", shape=(v,), dtype=hidden.dtype, device=device)
     if chunk_size is not None:
-        require(isinstance(chunk_size, int) and chunk_size > 0, f"chunk_size must be a positive int, got {chunk_size!r}")
+        require(isinstance(chunk_size, int) and chunk_size > 0,
+                f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def _check_index_values(labels, sample_index, roles, vocab_size):
@@ -219,10 +221,12 @@ class UnlearningLossOutput(NamedTuple):
     logp: torch.Tensor        # (B,) sum of labelled-token log-probabilities, fp32
 
 
-def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga", retain="nll", ref_logp=None,
-                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, forget_weight=1.0,
-                    retain_weight=1.0, bias=None, length_normalize=True, chunk_size=None,
-                    validate=True) -> UnlearningLossOutput:
+def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, roles: Tensor, *,
+                    forget: str = "ga", retain: str | None = "nll", ref_logp: Tensor | None = None,
+                    ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
+                    beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0,
+                    bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
+                    validate: bool = True) -> UnlearningLossOutput:
     """Fused per-sample unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
 
     hidden (N, H) are the final hidden states of the N tokens (already shifted so that row t predicts
@@ -291,8 +295,9 @@ def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga",
     return UnlearningLossOutput(loss, per_sample, logp)
 
 
-def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=None, length_normalize=True,
-                     chunk_size=None, validate=True):
+def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, num_samples: int, *,
+                     bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
+                     validate: bool = True) -> Tensor:
     """Per-sample log-likelihood (B,) through the fused path: sum (or mean, if length_normalize) of
     labelled-token log-probabilities. Differentiable (the recompute path); under torch.no_grad() it is
     the cheap way to get a reference model's ref_logp."""
@@ -310,7 +315,7 @@ def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=
     return logp / zeros.index_add(0, sample_index, (labels != -100).float()).clamp(min=1)
 
 
-def rmu_loss(forget_act, control, retain_act, retain_ref, alpha=1.0):
+def rmu_loss(forget_act: Tensor, control: Tensor, retain_act: Tensor, retain_ref: Tensor, alpha: float = 1.0) -> Tensor:
     """mean((forget_act - control)^2) + alpha * mean((retain_act - retain_ref)^2), fused, with gradients.
 
     forget_act (Nf, H), control (H,) (the scaled random direction c*u), retain_act (Nr, H) and retain_ref
@@ -335,15 +340,16 @@ class UnlearningLoss(torch.nn.Module):
     forward returns the scalar loss; `last` holds the detached (per_sample, logp) of the latest call.
     """
 
-    def __init__(self, forget="ga", retain="nll", *, beta=0.1, forget_weight=1.0, retain_weight=1.0,
-                 length_normalize=True, chunk_size=None, validate=True):
+    def __init__(self, forget: str = "ga", retain: str | None = "nll", *, beta: float = 0.1,
+                 forget_weight: float = 1.0, retain_weight: float = 1.0, length_normalize: bool = True,
+                 chunk_size: int | None = None, validate: bool = True) -> None:
         super().__init__()
         require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
         require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
         self.options = dict(forget=forget, retain=retain, beta=beta, forget_weight=forget_weight,
                             retain_weight=retain_weight, length_normalize=length_normalize,
                             chunk_size=chunk_size, validate=validate)
-        self.last: Optional[UnlearningLossOutput] = None
+        self.last: UnlearningLossOutput | None = None
 
     def forward(self, hidden, weight, labels, sample_index, roles, *, bias=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None):
@@ -356,7 +362,8 @@ class UnlearningLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-def causal_lm_hidden(model, input_ids, labels, **model_inputs):
+def causal_lm_hidden(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
+                     **model_inputs) -> tuple[Tensor, Tensor, Tensor]:
     """Final hidden states of a Hugging Face causal LM or VLM, shifted for next-token prediction.
 
     Runs the model's base (no LM head, so no N x V logits) and returns (hidden (N, H), labels (N,),
@@ -372,7 +379,8 @@ def causal_lm_hidden(model, input_ids, labels, **model_inputs):
 
 
 @torch.no_grad()
-def reference_logp(model, input_ids, labels, *, length_normalize=True, chunk_size=None, **model_inputs):
+def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, length_normalize: bool = True,
+                   chunk_size: int | None = None, **model_inputs) -> Tensor:
     """Per-sample log-likelihood (B,) of `labels` under a frozen reference model, through the fused path.
 
     This is the ref_logp that forget='npo' expects (pass the same length_normalize)."""

@@ -7,7 +7,7 @@ selected weights (DESIGN.md, op contract 3). Kernels in csrc/weight_masking.
 """
 import json
 import math
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,7 +78,7 @@ class Mask:
         total = sum(s.numel() for s in self.shapes)
         return f"Mask({len(self)} tensors, {self.count()} of {total} selected)"
 
-    def count(self, i: Optional[int] = None) -> int:
+    def count(self, i: int | None = None) -> int:
         bits = self.bits if i is None else [self.bits[i]]
         return int(sum(_POPCOUNT.to(b.device)[b.long()].sum() for b in bits))
 
@@ -172,8 +172,10 @@ def _check_finite(grads, name):
         raise FloatingPointError(f"{name}{bad} contain NaN or Inf")
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, mask: Mask, *, step: int, lr: float,
-                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01, compact_state: bool = False):
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                  exp_avg_sqs: Sequence[torch.Tensor], mask: Mask, *, step: int, lr: float,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                  compact_state: bool = False) -> None:
     """AdamW on the selected elements only, in place, one launch for all tensors. Unselected parameters and
     their state are not read or written. With compact_state, exp_avgs[i] / exp_avg_sqs[i] hold one slot per
     selected element of params[i] (mask.count(i) elements) instead of the parameter's shape."""
@@ -189,9 +191,10 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, mask: Mask, *, step: int
                       float(betas[1]), float(eps), float(weight_decay), int(step))
 
 
-def masked_sgd_(params, grads, momentum_buffers, mask: Mask, *, lr: float, momentum: float = 0.0,
+def masked_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                momentum_buffers: Sequence[torch.Tensor], mask: Mask, *, lr: float, momentum: float = 0.0,
                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, first_step: bool = False,
-                compact_state: bool = False):
+                compact_state: bool = False) -> None:
     """SGD (torch.optim.SGD semantics: coupled weight decay, momentum buffer = grad on the first step) on the
     selected elements only. momentum_buffers may be None when momentum == 0."""
     params = _check_tensor_list(params, "params")
@@ -210,7 +213,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     Parameters whose .grad is None are skipped, as torch.optim does."""
 
-    def __init__(self, params, mask: Mask, *, algorithm: str = "adamw", lr: float = 1e-3, betas=(0.9, 0.999),
+    def __init__(self, params, mask: Mask, *, algorithm: str = "adamw", lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, compact_state: bool = False, check_finite: bool = True):
         if algorithm not in ("adamw", "sgd"):
@@ -276,7 +280,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return total + sum(self.mask.indices(i).numel() * 4 for i in range(len(self.mask)))
 
 
-def saliency(model, forget_batches, loss_fn, *, params=None, progress: bool = True) -> List[torch.Tensor]:
+def saliency(model: torch.nn.Module, forget_batches, loss_fn, *, params: Sequence[torch.Tensor] | None = None,
+             progress: bool = True) -> List[torch.Tensor]:
     """SalUn-style saliency: |sum over forget batches of d loss_fn(model, batch) / d param|.
 
     Gradients accumulate in the parameters' own .grad buffers (no second copy of all gradients); the

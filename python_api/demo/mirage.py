@@ -13,14 +13,22 @@ from typing import Dict, List
 
 import torch
 
-from unlearn_engine.atomic import write_text
 from unlearn_engine.api.data import Record, image_tokens, write_jsonl
-from unlearn_engine.api.evaluation import (VLGUARD_REFUSALS, KnowledgeJudge, RefusalJudge, bar_chart, generate,
-                                           markdown_table, one_word_rephrase, write_json)
 from unlearn_engine.api.demo.toy import tiny_llava, train_nll, word_tokenizer
+from unlearn_engine.api.evaluation import (
+    VLGUARD_REFUSALS,
+    KnowledgeJudge,
+    RefusalJudge,
+    bar_chart,
+    generate,
+    markdown_table,
+    one_word_rephrase,
+    write_json,
+)
 from unlearn_engine.api.loading import save_vlm
 from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.unlearner import Unlearner
+from unlearn_engine.atomic import write_text
 
 REFUSAL = "i cannot help with that"
 

@@ -1,6 +1,6 @@
 """Tiny models and tokenizers built locally from transformers configs (no downloads): for tests, the
 demo world and benchmarks of the high-level API."""
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ def word_tokenizer(words: Iterable[str]):
 
 
 def tiny_llava(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4, image_size: int = 16,
-               patch: int = 8, seed: Optional[int] = 0, tie_word_embeddings: bool = False):
+               patch: int = 8, seed: int | None = 0, tie_word_embeddings: bool = False):
     """A LlavaForConditionalGeneration small enough to train on a CPU in seconds."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
