@@ -14,6 +14,7 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")  # kernels include the shared headers as "common/..."
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
     VERSION = tomllib.load(_f)["project"]["version"]
 
@@ -54,7 +55,7 @@ def extension():
     cxx = ["-O3", "-fopenmp", f'-DUE_VERSION="{VERSION}"']
     cuda_home = want_cuda()
     if cuda_home is None:
-        return CppExtension("unlearn_engine._C", sources, extra_compile_args={"cxx": cxx},
+        return CppExtension("unlearn_engine._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
     os.environ["CUDA_HOME"] = cuda_home
     import torch.utils.cpp_extension as cpp_ext
@@ -66,7 +67,7 @@ def extension():
     nvcc = ["-O3", "-lineinfo"] + defines
     return CUDAExtension("unlearn_engine._C", sources + cuda_sources,
                          # the toolkit's own headers first; the wheel's fill in what it lacks (cuBLAS, ...)
-                         include_dirs=[os.path.join(cuda_home, "include")] + nvidia_wheel_includes(),
+                         include_dirs=[CSRC, os.path.join(cuda_home, "include")] + nvidia_wheel_includes(),
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])
 
