@@ -65,17 +65,30 @@ def _unlearn_settings(args):
 
 
 def _cmd_unlearn(args):
+    run, config = _unlearn_settings(args)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return _unlearn(args, run, config)
+    import torch.distributed as dist  # launched by torchrun: data parallel
+
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        run["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        return _unlearn(args, run, config)
+    finally:
+        if started_here:
+            # every rank waits for rank 0's writes, then leaves together: a rank that exits while the others
+            # still hold the group can abort in the backend's threads
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _unlearn(args, run, config):
     from unlearn_engine.api.unlearner import Unlearner, mean_nll
 
-    run, config = _unlearn_settings(args)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: data parallel
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            run["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     forget = read_jsonl(run["forget"], role="forget")
     retain = read_jsonl(run["retain"], role="retain") if run["retain"] else []
     model, processor = load_vlm(run["model"], dtype=run["dtype"], device=run["device"])

@@ -250,7 +250,8 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     counts = zeros.index_add(0, sample_index, valid.float())
     denom = counts.clamp(min=1) if length_normalize else torch.ones_like(counts)
-    is_forget, is_retain = roles == FORGET, roles == RETAIN
+    # a sample with no labelled token counts as IGNORE: it is left out of its group's mean
+    is_forget, is_retain = (roles == FORGET) & (counts > 0), (roles == RETAIN) & (counts > 0)
     forget_scale = forget_weight / is_forget.sum().clamp(min=1)
     retain_scale = retain_weight / is_retain.sum().clamp(min=1)
 
