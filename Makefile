@@ -8,9 +8,9 @@ UE_BUILD_CUDA ?= auto
 export UE_BUILD_CUDA
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
-SOURCES := setup.py $(shell find csrc -type f)
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: build test bench demo info clean
+.PHONY: build lint test bench demo info clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,7 +27,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-test: build
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+
+test: build lint
 	$(PY) -m pytest tests -q
 
 bench: build

@@ -7,13 +7,16 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")  # kernels include the shared headers as "common/..."
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
+    VERSION = tomllib.load(_f)["project"]["version"]
 
 
 def find_cuda_home():
@@ -52,7 +55,7 @@ def extension():
     cxx = ["-O3", "-fopenmp", f'-DUE_VERSION="{VERSION}"']
     cuda_home = want_cuda()
     if cuda_home is None:
-        return CppExtension("unlearn_engine._C", sources, extra_compile_args={"cxx": cxx},
+        return CppExtension("unlearn_engine._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
     os.environ["CUDA_HOME"] = cuda_home
     import torch.utils.cpp_extension as cpp_ext
@@ -64,21 +67,13 @@ def extension():
     nvcc = ["-O3", "-lineinfo"] + defines
     return CUDAExtension("unlearn_engine._C", sources + cuda_sources,
                          # the toolkit's own headers first; the wheel's fill in what it lacks (cuBLAS, ...)
-                         include_dirs=[os.path.join(cuda_home, "include")] + nvidia_wheel_includes(),
+                         include_dirs=[CSRC, os.path.join(cuda_home, "include")] + nvidia_wheel_includes(),
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])
 
 
 setup(
-    name="unlearn_engine",
-    version=VERSION,
-    description="Fused C++/CUDA kernels and tools for safety unlearning of vision-language models",
-    packages=["unlearn_engine", "unlearn_engine.reference", "unlearn_engine.api"],
-    # python_api/ is the thin high-level layer; it is installed as unlearn_engine.api.
-    package_dir={"unlearn_engine.api": "python_api"},
+    # Metadata, dependencies, packages and the console script are in pyproject.toml; this file adds the extension.
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["unlearn-engine=unlearn_engine.api.cli:main"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm"],
 )

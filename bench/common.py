@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from unlearn_engine.atomic import write_text
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -104,9 +106,6 @@ class Results:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         info = machine()
         path = os.path.join(RESULTS_DIR, f"{info['date']}-{device_tag()}-{self.family}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(family=self.family, baseline=self.baseline, machine=info, results=self.with_ratios()),
-                      f, indent=2)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(dict(family=self.family, baseline=self.baseline, machine=info,
+                                         results=self.with_ratios()), indent=2))
         return path

@@ -5,9 +5,9 @@ Run: make bench   (or: .venv/bin/python -m pytest bench -k unlearning_loss -s)
 """
 import pytest
 import torch
+from unlearning_loss_case import gradient_bytes, make_inputs, step
 
 from common import probe_in_subprocess
-from loss_case import gradient_bytes, make_inputs, step
 
 if torch.cuda.is_available():
     DEVICE, DTYPE = "cuda", "bfloat16"
@@ -34,7 +34,8 @@ def test_unlearning_loss_fwd_bwd(benchmark, results, impl, forget, retain, n, h,
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     grads = gradient_bytes(args)
-    peak = probe_in_subprocess("bench.loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])["peak_extra_bytes"]
+    probe = probe_in_subprocess("bench.unlearning_loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])
+    peak = probe["peak_extra_bytes"]
     results("unlearning_loss").add(
         case=f"{forget}+{retain} N={n} H={h} V={v} {DTYPE}", impl=impl, shape=dict(N=n, H=h, V=v, dtype=DTYPE),
         device=DEVICE, time_s=benchmark.stats.stats.min, peak_extra_mb=peak / 2**20,

@@ -1,19 +1,8 @@
-"""The thin high-level layer (installed as unlearn_engine.api): loading, RAI hooks, unlearning, ASR, CLI."""
-from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
-from unlearn_engine.api.rai import RiskAwareness
-from unlearn_engine.api.data import Record, encode, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
+"""The high-level layer of unlearn_engine: loading safetensors VLMs, data sets, the unlearning methods (a
+registry) and their loop, RAI hooks, ASR evaluation and the `unlearn-engine` command line; the demo world
+lives apart in its demo/ subpackage.
 
-__all__ = ["load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "encode", "read_jsonl",
-           "write_jsonl", "read_advbench", "read_xstest", "read_figstep", "Unlearner", "UnlearnConfig", "mean_nll",
-           "trainer_loss"]
-
-
-def __getattr__(name):
-    # The loop imports unlearn_engine itself, so it is loaded on first use.
-    if name in ("Unlearner", "UnlearnConfig", "mean_nll"):
-        from unlearn_engine.api import unlearner
-        return getattr(unlearner, name)
-    if name == "trainer_loss":
-        from unlearn_engine.api.trainer import trainer_loss
-        return trainer_loss
-    raise AttributeError(name)
+This folder, python_api/, is installed as the subpackage `unlearn_engine.api` (setup.py maps it with
+package_dir), so its modules import each other as `unlearn_engine.api.<module>`. Users import the facade,
+`import unlearn_engine as ue`, which re-exports the names of both layers.
+"""

@@ -3,22 +3,13 @@ newest complete one, so a run killed at any moment resumes from its last checkpo
 import json
 import os
 import random
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from unlearn_engine.atomic import atomic_dir, write_text
+
 LATEST = "latest"
-
-
-def _atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _flatten_optimizer(state_dict):
@@ -46,8 +37,8 @@ def save_checkpoint(directory, step, named_params, optimizer, extra: dict):
     """directory/step-NNNNNN/{params,optimizer,rng}.safetensors + state.json, then directory/latest."""
     os.makedirs(directory, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
-    try:
+    final = os.path.join(directory, name)
+    with atomic_dir(final) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in named_params}, os.path.join(tmp, "params.safetensors"))
         opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -55,14 +46,7 @@ def save_checkpoint(directory, step, named_params, optimizer, extra: dict):
         state = dict(extra, step=step, optimizer=opt_plain, python_random=repr(random.getstate()))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
-        final = os.path.join(directory, name)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(os.path.join(directory, LATEST), name)
+    write_text(os.path.join(directory, LATEST), name)
     return final
 
 

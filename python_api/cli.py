@@ -1,16 +1,29 @@
-"""The `unlearn-engine` command line."""
+"""The `unlearn-engine` command line: unlearn, asr, rai, demo, bench, info.
+
+The `unlearn` flags are generated from UnlearnConfig (config.py); --config FILE runs from a JSON/TOML file.
+"""
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 import torch
 
+from unlearn_engine._library import build_info
+from unlearn_engine.api.config import UnlearnConfig, choices_of, read_config_file
+from unlearn_engine.api.data import image_tokens, read_advbench, read_figstep, read_jsonl, read_xstest
+from unlearn_engine.api.loading import load_vlm, save_vlm
+from unlearn_engine.api.methods import get_method
+from unlearn_engine.atomic import write_text
+
+# Settings of an unlearn run that are not UnlearnConfig fields (they may come from --config too).
+RUN_KEYS = {"model": None, "forget": None, "retain": None, "out": None, "dtype": "bfloat16", "device": None,
+            "resume": False}
+
 
 def _cmd_info(args):
-    import unlearn_engine as ue
-
-    info = ue.build_info()
+    info = build_info()
     info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 ops=sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
@@ -27,52 +40,85 @@ def _cmd_info(args):
 
 def _load_model(args):
     """(model, tokenizer, image processor or None) from --model; a saved processor carries both."""
-    import unlearn_engine as ue
-
-    model, processor = ue.load_vlm(args.model, dtype=args.dtype, device=args.device)
+    model, processor = load_vlm(args.model, dtype=args.dtype, device=args.device)
     if processor is None:
         raise ValueError(f"{args.model} has no tokenizer files: prompts cannot be encoded")
     return model, getattr(processor, "tokenizer", processor), getattr(processor, "image_processor", None)
 
 
+def _unlearn_settings(args):
+    """(run settings, UnlearnConfig): defaults, then --config FILE, then the flags given on the command line."""
+    fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
+    merged = dict(RUN_KEYS, device=_default_device())
+    if args.config:
+        data = read_config_file(args.config)
+        unknown = sorted(set(data) - fields - set(RUN_KEYS))
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown setting(s) {unknown}; known: "
+                             f"{sorted(fields | set(RUN_KEYS))}")
+        merged.update(data)
+    merged.update({k: v for k, v in vars(args).items() if k in fields or k in RUN_KEYS})  # flags given (SUPPRESS)
+    for key in ("model", "forget", "out"):
+        if not merged.get(key):
+            raise ValueError(f"--{key} is required (on the command line or as '{key}' in --config)")
+    config = UnlearnConfig(**{k: v for k, v in merged.items() if k in fields}).validate()
+    return {k: merged[k] for k in RUN_KEYS}, config
+
+
 def _cmd_unlearn(args):
-    import dataclasses
+    run, config = _unlearn_settings(args)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return _unlearn(args, run, config)
+    import torch.distributed as dist  # launched by torchrun: data parallel
 
-    import unlearn_engine as ue
-    from unlearn_engine.api.unlearner import UnlearnConfig, Unlearner, mean_nll
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        run["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        return _unlearn(args, run, config)
+    finally:
+        if started_here:
+            # every rank waits for rank 0's writes, then leaves together: a rank that exits while the others
+            # still hold the group can abort in the backend's threads
+            dist.barrier()
+            dist.destroy_process_group()
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: data parallel
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    forget = ue.read_jsonl(args.forget, role="forget")
-    retain = ue.read_jsonl(args.retain, role="retain") if args.retain else []
-    model, tokenizer, _ = _load_model(args)
-    config = UnlearnConfig(method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           beta=args.beta, scope=args.scope, mask_fraction=args.mask_fraction, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, rmu_layer=args.rmu_layer, parallel=args.parallel)
+def _unlearn(args, run, config):
+    from unlearn_engine.api.unlearner import Unlearner, mean_nll
+
+    forget = read_jsonl(run["forget"], role="forget")
+    retain = read_jsonl(run["retain"], role="retain") if run["retain"] else []
+    model, processor = load_vlm(run["model"], dtype=run["dtype"], device=run["device"])
+    if processor is None:
+        raise ValueError(f"{run['model']} has no tokenizer files: prompts cannot be encoded")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if get_method(config.method).needs_retain and not retain:
+        raise ValueError(f"method {config.method!r} needs retain records (--retain)")
+    if int(os.environ.get("RANK", 0)) == 0:
+        # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
+        write_text(os.path.join(run["out"], "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
     before = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain)
-    unlearner = Unlearner(model, tokenizer, config, out_dir=args.out, progress=not args.no_progress)
-    unlearner.fit(forget, retain, resume=args.resume)
+    unlearner = Unlearner(model, tokenizer, config, out_dir=run["out"], progress=not args.no_progress)
+    unlearner.fit(forget, retain, resume=run["resume"])
     if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
         state = unlearner.full_state_dict()
         if unlearner.rank == 0:
-            model, _ = ue.load_vlm(args.model, dtype=args.dtype, device=args.device, load_processor=False)
+            model, _ = load_vlm(run["model"], dtype=run["dtype"], device=run["device"], load_processor=False)
             model.load_state_dict(state)
     if unlearner.rank != 0:
         return 0
     after = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         after["retain_nll"] = mean_nll(model, tokenizer, retain)
-    ue.save_vlm(model, os.path.join(args.out, "model"), processor=tokenizer)
+    save_vlm(model, os.path.join(run["out"], "model"), processor=tokenizer)
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after,
-               "model": os.path.join(args.out, "model")}
+               "model": os.path.join(run["out"], "model")}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -86,19 +132,17 @@ def _cmd_unlearn(args):
 def _read_prompt_file(path, limit):
     import csv
 
-    import unlearn_engine as ue
-
     if path.endswith(".jsonl"):
-        records = ue.read_jsonl(path)
+        records = read_jsonl(path)
     else:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f))
         if "goal" in header:
-            records = ue.read_advbench(path)
+            records = read_advbench(path)
         elif "label" in header and "prompt" in header:
-            records = ue.read_xstest(path)
+            records = read_xstest(path)
         elif "question" in header:
-            records = ue.read_figstep(path)
+            records = read_figstep(path)
         else:
             raise ValueError(f"{path}: unknown CSV columns {header} (expected AdvBench, XSTest or FigStep)")
     return records[:limit] if limit else records
@@ -120,16 +164,23 @@ def _cmd_asr(args):
     os.makedirs(args.out, exist_ok=True)
     write_json(result, os.path.join(args.out, "asr.json"))
     table = markdown_table([row], list(row))
-    with open(os.path.join(args.out, "asr.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(args.out, "asr.md"), table + "\n")
     bar_chart([row], "model", [k for k in row if k != "model"], os.path.join(args.out, "asr.png"), title="ASR")
     print(json.dumps(row, indent=2) if args.json else table)
     return 0
 
 
 def _cmd_demo(args):
-    from unlearn_engine.api.mirage import World, run_mirage
+    from unlearn_engine.api.demo.mirage import World, run_mirage, save_demo_model
 
+    if args.save_model:
+        files = save_demo_model(args.save_model, World(seed=args.seed), progress=not args.no_progress)
+        print(json.dumps(files, indent=2) if args.json else
+              f"model and tokenizer in {files['model']}; try:\n  unlearn-engine unlearn --model {files['model']} "
+              f"--forget {files['forget']} --retain {files['retain']} --out runs/demo --steps 20 --lr 1e-3 "
+              f"--dtype float32\n  unlearn-engine asr --model runs/demo/model --harmful {files['forget']} "
+              "--out asr_demo --dtype float32")
+        return 0
     report = run_mirage(args.out, World(seed=args.seed), progress=not args.no_progress,
                         log=(lambda *a: None) if args.json else print)
     if args.json:
@@ -138,9 +189,8 @@ def _cmd_demo(args):
 
 
 def _cmd_rai(args):
-    import unlearn_engine as ue
     from unlearn_engine.api.evaluation import generate
-    from unlearn_engine.api.toy import image_tokens
+    from unlearn_engine.api.rai import RiskAwareness
 
     model, tokenizer, _ = _load_model(args)
     if args.image:
@@ -155,7 +205,7 @@ def _cmd_rai(args):
         pixels = None
     prompt = ("<image> " * image_tokens(model) if pixels is not None else "") + args.prompt
     keywords = args.keywords.split(",") if args.keywords else None
-    rai = ue.RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
+    rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
                            strength=args.strength)
     plain = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
     with rai:
@@ -179,40 +229,58 @@ def _cmd_bench(args):
     return subprocess.call(cmd, cwd=root)
 
 
+def _default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _config_flags(parser):
+    """One flag per UnlearnConfig field, with the dataclass's type, default and help. Defaults are shown in the
+    help but not set on the namespace (SUPPRESS), so --config values are overridden only by flags given."""
+    group = parser.add_argument_group("unlearning settings (UnlearnConfig; also as keys in --config)")
+    for f in dataclasses.fields(UnlearnConfig):
+        choices = choices_of(f)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.type, choices=choices,
+                           default=argparse.SUPPRESS, metavar=f.type.__name__.upper() if not choices else None,
+                           help=f"{f.metadata['help']} (default: {f.default})")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="unlearn-engine", description=__doc__)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def model_flags(required):
+        parent = argparse.ArgumentParser(add_help=False)
+        default = None if required else argparse.SUPPRESS
+        parent.add_argument("--model", required=required, default=default,
+                            help="checkpoint folder (config.json + safetensors + tokenizer files)")
+        parent.add_argument("--dtype", default="bfloat16" if required else argparse.SUPPRESS,
+                            help="weights dtype: bfloat16, float16 or float32 (default: bfloat16)")
+        parent.add_argument("--device", default=_default_device() if required else argparse.SUPPRESS,
+                            help=f"torch device (default: {_default_device()})")
+        return parent
+
+    parser = argparse.ArgumentParser(prog="unlearn-engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="how the native extension was built, and where it runs")
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info = sub.add_parser("info", parents=[output], help="how the native extension was built, and where it runs")
     info.set_defaults(func=_cmd_info)
 
-    un = sub.add_parser("unlearn", help="unlearn a safetensors model on forget/retain JSONL sets")
-    un.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    un.add_argument("--forget", required=True, help="JSONL of {prompt, response} to forget")
-    un.add_argument("--retain", help="JSONL of {prompt, response} to keep")
-    un.add_argument("--method", default="npo", choices=["ga", "gd", "npo", "kl", "rmu", "textual"])
-    un.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, model/")
-    un.add_argument("--steps", type=int, default=100)
-    un.add_argument("--lr", type=float, default=1e-5)
-    un.add_argument("--batch-size", type=int, default=4)
-    un.add_argument("--beta", type=float, default=0.1, help="NPO temperature")
-    un.add_argument("--scope", default="full", choices=["full", "lora", "mask"])
-    un.add_argument("--mask-fraction", type=float, default=0.05)
-    un.add_argument("--rmu-layer", type=int, default=1)
-    un.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
-                    help="under torchrun: average gradients (ddp) or shard with FSDP2 (fsdp)")
-    un.add_argument("--seed", type=int, default=0)
-    un.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    un.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    un.add_argument("--dtype", default="bfloat16")
-    un.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    un.add_argument("--no-progress", action="store_true")
-    un.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    un = sub.add_parser("unlearn", parents=[model_flags(False), output],
+                        help="unlearn a safetensors model on forget/retain JSONL sets")
+    un.add_argument("--config", help="JSON or TOML file of settings (any flag below, and model/forget/retain/out); "
+                                     "flags given here win")
+    un.add_argument("--forget", default=argparse.SUPPRESS, help="JSONL of {prompt, response} to forget")
+    un.add_argument("--retain", default=argparse.SUPPRESS, help="JSONL of {prompt, response} to keep")
+    un.add_argument("--out", default=argparse.SUPPRESS,
+                    help="output folder: config.json, checkpoints/, metrics.jsonl, model/")
+    un.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                    help="continue from the newest checkpoint in --out")
+    _config_flags(un)
     un.set_defaults(func=_cmd_unlearn)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    asr = sub.add_parser("asr", help="attack success rate and over-refusal of a model on prompt files")
-    asr.add_argument("--model", required=True)
+    asr = sub.add_parser("asr", parents=[model_flags(True), output],
+                         help="attack success rate and over-refusal of a model on prompt files")
     asr.add_argument("--harmful", required=True, help="AdvBench / FigStep CSV or JSONL of harmful prompts")
     asr.add_argument("--safe", help="XSTest CSV (safe rows are used) or JSONL of benign prompts")
     asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
@@ -222,30 +290,25 @@ def build_parser():
     asr.add_argument("--max-new-tokens", type=int, default=64)
     asr.add_argument("--batch-size", type=int, default=16)
     asr.add_argument("--out", default="asr_out", help="folder for asr.json, asr.md, asr.png")
-    asr.add_argument("--dtype", default="bfloat16")
-    asr.add_argument("--device", default=device)
-    asr.add_argument("--no-progress", action="store_true")
-    asr.add_argument("--json", action="store_true")
     asr.set_defaults(func=_cmd_asr)
 
-    rai = sub.add_parser("rai", help="answer a prompt (+ image) with and without Risk Awareness Injection")
-    rai.add_argument("--model", required=True)
+    rai = sub.add_parser("rai", parents=[model_flags(True), output],
+                         help="answer a prompt (+ image) with and without Risk Awareness Injection")
     rai.add_argument("--prompt", required=True)
     rai.add_argument("--image", help="image file shown with the prompt")
     rai.add_argument("--keywords", help="comma-separated unsafe keywords (default: the built-in list)")
     rai.add_argument("--rank", type=int, default=8)
     rai.add_argument("--top-fraction", type=float, default=0.1)
     rai.add_argument("--strength", type=float, default=2.0)
-    rai.add_argument("--dtype", default="bfloat16")
-    rai.add_argument("--device", default=device)
-    rai.add_argument("--json", action="store_true")
     rai.set_defaults(func=_cmd_rai)
 
-    demo = sub.add_parser("demo", help="the safety-mirage world, end to end (the embedded default job)")
+    demo = sub.add_parser("demo", parents=[output],
+                          help="the safety-mirage world, end to end (the embedded default job)")
     demo.add_argument("--out", default="demo_out", help="folder for mirage.json, mirage.md, mirage.png")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true")
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--save-model", metavar="DIR",
+                      help="only save the world's small trained model + tokenizer (and forget/retain JSONL) to DIR, "
+                           "to try every command on")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="run the kernel benchmarks (bench/, writes bench/results/)")

@@ -6,9 +6,11 @@ JSONL record: {"prompt": str, "response": str, "image": optional path, "role": "
 import csv
 import json
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
+
+from unlearn_engine.atomic import write_text
 
 ROLE_NAMES = ("forget", "retain")
 
@@ -18,11 +20,11 @@ class Record:
     prompt: str
     response: str = ""
     role: str = "forget"
-    image: Optional[str] = None
-    category: Optional[str] = None
+    image: str | None = None
+    category: str | None = None
 
 
-def read_jsonl(path: str, *, role: Optional[str] = None) -> List[Record]:
+def read_jsonl(path: str, *, role: str | None = None) -> List[Record]:
     """Records from a JSONL file; `role` overrides (or supplies) each record's role."""
     records = []
     with open(path, encoding="utf-8") as f:
@@ -45,15 +47,16 @@ def read_jsonl(path: str, *, role: Optional[str] = None) -> List[Record]:
     return records
 
 
-def write_jsonl(records: Sequence[Record], path: str):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            item = {"prompt": r.prompt, "response": r.response, "role": r.role}
-            if r.image:
-                item["image"] = r.image
-            if r.category:
-                item["category"] = r.category
-            f.write(json.dumps(item) + "\n")
+def write_jsonl(records: Sequence[Record], path: str) -> None:
+    lines = []
+    for r in records:
+        item = {"prompt": r.prompt, "response": r.response, "role": r.role}
+        if r.image:
+            item["image"] = r.image
+        if r.category:
+            item["category"] = r.category
+        lines.append(json.dumps(item) + "\n")
+    write_text(path, "".join(lines))
 
 
 def _read_csv(path, required):
@@ -72,7 +75,7 @@ def read_advbench(path: str) -> List[Record]:
     return [Record(r["goal"], r["target"], "forget", category="advbench") for r in _read_csv(path, ("goal", "target"))]
 
 
-def read_xstest(path: str, label: Optional[str] = "safe") -> List[Record]:
+def read_xstest(path: str, label: str | None = "safe") -> List[Record]:
     """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes."""
     rows = _read_csv(path, ("prompt", "type", "label"))
     return [Record(r["prompt"], "", "retain", category=r["type"]) for r in rows if label is None or r["label"] == label]
@@ -83,6 +86,14 @@ def read_figstep(path: str) -> List[Record]:
     the instruction the typographic text the attack renders into an image."""
     rows = _read_csv(path, ("question", "instruction", "category_name"))
     return [Record(r["question"], r["instruction"], "forget", category=r["category_name"]) for r in rows]
+
+
+def image_tokens(model) -> int:
+    """How many <image> tokens one image becomes in a LLaVA-style model (one per vision patch)."""
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None:
+        raise ValueError(f"{type(model).__name__} has no vision_config: it takes no images")
+    return (vision.image_size // vision.patch_size) ** 2
 
 
 def prompt_text(tokenizer, prompt: str) -> str:

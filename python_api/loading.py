@@ -8,13 +8,13 @@ multi_modal_projector.*) and the current one (model.language_model.*, ...).
 """
 import json
 import os
-import shutil
-import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from unlearn_engine.atomic import atomic_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,7 +94,8 @@ def _read_tensors(path, files):
                 for name in names:
                     tensors[name] = f.get_tensor(name)
         except SafetensorError as err:
-            raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+            raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): "
+                                  f"{err}") from None
     return tensors
 
 
@@ -107,7 +108,8 @@ def _canonical_name(name, expected):
     return name
 
 
-def load_vlm(path: str, dtype="bfloat16", device="cpu", *, load_processor: bool = True) -> Tuple[torch.nn.Module, object]:
+def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
+             load_processor: bool = True) -> Tuple[torch.nn.Module, object]:
     """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode."""
     import transformers
 
@@ -165,13 +167,10 @@ def _load_processor(path):
     return None
 
 
-def save_vlm(model, path: str, *, processor=None, max_shard_bytes: Optional[int] = None):
+def save_vlm(model: torch.nn.Module, path: str, *, processor=None, max_shard_bytes: int | None = None) -> None:
     """Write config.json + safetensors (sharded with an index when max_shard_bytes is given) atomically: into a
     temporary folder beside `path`, then renamed over it. Tied weights are stored once."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_dir(path) as tmp:
         model.config.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
@@ -200,13 +199,4 @@ def save_vlm(model, path: str, *, processor=None, max_shard_bytes: Optional[int]
                 weight_map.update({name: fname for name in shard})
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+

@@ -8,11 +8,11 @@ The hook sits on the multimodal projector's output: the visual tokens in the lan
 space, computed during prefill only (decoding steps reuse the cache and never run the projector). Text
 tokens are never touched.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from unlearn_engine.risk import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
+from unlearn_engine.risk_projection import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
 
 
 def find_projector(model):
@@ -30,7 +30,7 @@ class RiskAwareness:
     unsafe keyword list. mode "subspace" (rank, threshold or top_fraction) or "prototypes" (threshold)."""
 
     def __init__(self, model, concepts=None, *, tokenizer=None, rank: int = 8, mode: str = "subspace",
-                 threshold: Optional[float] = None, top_fraction: Optional[float] = None, strength: float = 1.0):
+                 threshold: float | None = None, top_fraction: float | None = None, strength: float = 1.0):
         if mode not in ("subspace", "prototypes"):
             raise ValueError(f"mode must be 'subspace' or 'prototypes', got {mode!r}")
         self.model, self.mode, self.strength = model, mode, strength
@@ -43,7 +43,8 @@ class RiskAwareness:
                 raise ValueError("pass tokenizer= to turn keywords into concept embeddings, or pass an (M, H) tensor")
             rows = concept_embeddings(tokenizer, embeddings, concepts)
         if rows.shape[-1] != embeddings.shape[1]:
-            raise ValueError(f"concept embeddings have H={rows.shape[-1]}, the model's embeddings H={embeddings.shape[1]}")
+            raise ValueError(f"concept embeddings have H={rows.shape[-1]}, "
+                             f"the model's embeddings H={embeddings.shape[1]}")
         rows = rows.to(embeddings.device)
         if mode == "subspace":
             if threshold is None and top_fraction is None:

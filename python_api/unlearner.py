@@ -1,4 +1,5 @@
-"""The unlearning loop: GA, GD, NPO, KL-retain, RMU and the textual recipe, all through the fused ops.
+"""The unlearning loop: batches, optimizer and scope, checkpoints and resume, metrics, data parallelism.
+What is trained and which loss is used come from the method registry (methods.py); the loop names none.
 
     unlearner = ue.Unlearner(model, tokenizer, method="npo", steps=100, lr=1e-5, out_dir="runs/npo")
     history = unlearner.fit(forget_records, retain_records, resume=True)
@@ -10,57 +11,21 @@ import copy
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
-import unlearn_engine as ue
 from unlearn_engine.api.checkpoint import load_latest, save_checkpoint
+from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.data import Record, encode
+from unlearn_engine.api.methods import get_method, language_model
+from unlearn_engine.atomic import write_text
+from unlearn_engine.roles import FORGET, IGNORE, RETAIN
+from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
+from unlearn_engine.weight_masking import MaskedOptimizer, saliency, topk_mask
 
-METHODS = ("ga", "gd", "npo", "kl", "rmu", "textual")
-SCOPES = ("full", "lora", "mask")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-@dataclass
-class UnlearnConfig:
-    method: str = "npo"
-    steps: int = 20
-    lr: float = 1e-4
-    batch_size: int = 4
-    beta: float = 0.1              # NPO temperature
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    scope: str = "full"            # "full": the weights the method trains; "lora": LoRA adapters on the
-    #                                language model (merged back at the end); "mask": saliency top fraction
-    mask_fraction: float = 0.05
-    lora_rank: int = 8
-    rmu_layer: int = 1             # RMU: steer this decoder layer's output; train down_proj of layers <= it
-    rmu_coeff: float = 20.0        # RMU: |control| = rmu_coeff
-    rmu_alpha: float = 10.0        # RMU: retain weight
-    nll_bound: float = 15.0        # divergence guard: stop ascending a forget sample once its NLL passes this
-    weight_decay: float = 0.0
-    parallel: str = "ddp"          # under torch.distributed: "ddp" (gradients averaged) or "fsdp" (FSDP2 shards)
-    seed: int = 0
-    checkpoint_every: int = 0
-    max_length: int = 256
-
-    def validate(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.beta <= 0:
-            raise ValueError(f"lr and beta must be > 0, got lr={self.lr}, beta={self.beta}")
-        if not 0 < self.mask_fraction <= 1:
-            raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+__all__ = ["Unlearner", "UnlearnConfig", "mean_nll", "merge_lora_"]
 
 
 class HeadLoss(torch.nn.Module):
@@ -72,25 +37,24 @@ class HeadLoss(torch.nn.Module):
         self.head = head
 
     def forward(self, hidden, labels, sample_index, roles, **options):
-        return ue.unlearning_loss(hidden, self.head.weight, labels, sample_index, roles, bias=self.head.bias,
+        return unlearning_loss(hidden, self.head.weight, labels, sample_index, roles, bias=self.head.bias,
                                   **options)
 
 
-def language_model(model):
-    """The decoder stack of a causal LM or a LLaVA-style VLM."""
-    inner = model.base_model
-    return getattr(inner, "language_model", inner)
-
-
 class Unlearner:
-    def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None, *, ref_model=None,
-                 out_dir: Optional[str] = None, progress: bool = True, **overrides):
+    """Runs one unlearning method on a model; `config` (or keyword overrides of UnlearnConfig's fields) sets it.
+    Methods call back into batch(), indices() and fused_loss()."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
+                 ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
+                 **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.method = get_method(config.method)
         self.out_dir, self.progress = out_dir, progress
         self.device = next(model.parameters()).device
-        needs_ref = config.method in ("npo", "kl", "rmu", "textual")
+        needs_ref = self.method.needs_reference
         self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
@@ -109,30 +73,15 @@ class Unlearner:
 
     # ------------------------------------------------------------------ setup
     def _select_params(self):
-        model, method = self.model, self.config.method
+        model = self.model
         model.requires_grad_(False)
         if self.config.scope == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
-            if method == "rmu":
-                raise ValueError("RMU trains chosen down_proj weights directly; use scope='full' or 'mask'")
             inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
                                                target_modules=LORA_TARGETS, lora_dropout=0.0), model)
             return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-        lm = language_model(model)
-        if method == "rmu":
-            layers = lm.layers
-            chosen = range(max(0, self.config.rmu_layer - 2), self.config.rmu_layer + 1)
-            modules = [layers[i].mlp.down_proj for i in chosen]
-            projector = getattr(model.base_model, "multi_modal_projector", None)
-            if projector is not None:
-                modules.append(projector)
-        elif method == "textual":  # text only, LLM part only
-            modules = [lm, model.get_output_embeddings()]
-        else:
-            modules = [m for m in (lm, getattr(model.base_model, "multi_modal_projector", None),
-                                   model.get_output_embeddings()) if m is not None]
-        for m in modules:
+        for m in self.method.trainable_modules(model, self.config):
             m.requires_grad_(True)
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -164,15 +113,15 @@ class Unlearner:
         c = self.config
         if c.scope == "full":
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        batches = [self._batch(forget, [], step) for step in range(min(4, c.steps))]
-        saliency = ue.saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
-                               progress=self.progress)
-        self._average_gradients(saliency)  # one mask for all ranks
-        self.mask = ue.topk_mask(saliency, c.mask_fraction)
-        return ue.MaskedOptimizer(params, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
+        batches = [self.batch(forget, [], step) for step in range(min(4, c.steps))]
+        scores = saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
+                          progress=self.progress)
+        self._average_gradients(scores)  # one mask for all ranks
+        self.mask = topk_mask(scores, c.mask_fraction)
+        return MaskedOptimizer(params, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
 
     # ------------------------------------------------------------------ batches
-    def _indices(self, n, step, salt):
+    def indices(self, n: int, step: int, salt: int) -> List[int]:
         """The global batch of (seed, step); under torch.distributed each rank takes its own slice."""
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 17 + salt)
         chosen = torch.randperm(n, generator=g)[: min(self.config.batch_size, n)].tolist()
@@ -188,41 +137,46 @@ class Unlearner:
                     dist.all_reduce(t)
                     t.div_(self.world)
 
-    def _batch(self, forget: Sequence[Record], retain: Sequence[Record], step: int):
-        f_idx = self._indices(len(forget), step, 1) if forget else []
-        r_idx = self._indices(len(retain), step, 2) if retain else []
+    def batch(self, forget: Sequence[Record], retain: Sequence[Record], step: int) -> dict:
+        """The encoded batch of (seed, step): forget samples first, then retain; roles and sample ids added."""
+        f_idx = self.indices(len(forget), step, 1) if forget else []
+        r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        batch = {k: v.to(self.device) for k, v in encode(records, self.tokenizer, max_length=self.config.max_length).items()}
-        batch["roles"] = torch.tensor([ue.FORGET] * len(f_idx) + [ue.RETAIN] * len(r_idx), device=self.device)
+        encoded = encode(records, self.tokenizer, max_length=self.config.max_length)
+        batch = {k: v.to(self.device) for k, v in encoded.items()}
+        batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
 
     def _hidden(self, model, batch):
-        return ue.causal_lm_hidden(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+        return causal_lm_hidden(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
     def _forget_logp(self, batch):
         hidden, labels, sample_index = self._hidden(self.model, batch)
         head = self.model.get_output_embeddings()
-        return ue.sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
-                                   bias=head.bias)
+        return sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
+                                bias=head.bias)
 
     def _ref_logp(self, batch):
         missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache]
         if missing:
-            values = ue.reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
-                                       attention_mask=batch["attention_mask"])
+            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
+                                    attention_mask=batch["attention_mask"])
             for i in missing:
                 self._ref_logp_cache[batch["ids"][i]] = float(values[i])
         return torch.tensor([self._ref_logp_cache[k] for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
-    def _fused(self, batch, *, forget, retain, forget_weight, retain_weight, guard=True):
+    def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
+                   retain_weight: float = 1.0, guard: bool = True):
+        """The fused unlearning loss of `batch` and its per-group NLL stats; the divergence guard drops forget
+        samples whose NLL passed nll_bound from gradient ascent."""
         hidden, labels, sample_index = self._hidden(self.model, batch)
         roles = batch["roles"].clone()
         if guard and forget == "ga":
             for i, key in enumerate(batch["ids"]):
-                if roles[i] == ue.FORGET and self._forget_nll.get(key, 0.0) > self.config.nll_bound:
-                    roles[i] = ue.IGNORE
+                if roles[i] == FORGET and self._forget_nll.get(key, 0.0) > self.config.nll_bound:
+                    roles[i] = IGNORE
         extra = {}
         if forget == "npo":
             extra["ref_logp"] = self._ref_logp(batch)
@@ -244,49 +198,6 @@ class Unlearner:
                 self._forget_nll[key] = value
         return out.loss, stats
 
-    def _rmu(self, batch):
-        c, lm = self.config, language_model(self.model)
-        if not hasattr(self, "_control"):
-            g = torch.Generator().manual_seed(c.seed)
-            u = torch.rand(lm.config.hidden_size, generator=g)
-            self._control = (c.rmu_coeff * u / u.norm()).to(self.device, next(self.model.parameters()).dtype)
-
-        def layer_out(model):
-            out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   output_hidden_states=True)
-            return out.hidden_states[c.rmu_layer + 1]
-
-        acts = layer_out(self.model)
-        with torch.no_grad():
-            ref_acts = layer_out(self.ref_model)
-        mask = batch["attention_mask"].bool()
-        is_forget = batch["roles"] == ue.FORGET
-        f_mask, r_mask = mask & is_forget[:, None], mask & ~is_forget[:, None]
-        loss = ue.rmu_loss(acts[f_mask], self._control, acts[r_mask], ref_acts[r_mask], alpha=c.rmu_alpha)
-        return loss, {}
-
-    def _loss(self, forget, retain, step):
-        c = self.config
-        if c.method == "rmu":
-            return self._rmu(self._batch(forget, retain, step))
-        if c.method == "textual":
-            # 0.5 * GA on harmful answers + 1 * NLL on random mismatched answers + 1 * KL on normal data
-            f_idx = self._indices(len(forget), step, 1)
-            g = torch.Generator().manual_seed(c.seed * 7 + step)
-            mismatch = [Record(forget[i].prompt, retain[int(torch.randint(len(retain), (1,), generator=g))].response,
-                               "retain") for i in f_idx]
-            batch = self._batch([forget[i] for i in f_idx], mismatch, 0)
-            batch["ids"] = [("f", i) for i in f_idx] + [("m", n) for n in range(len(mismatch))]
-            loss_a, stats = self._fused(batch, forget="ga", retain="nll", forget_weight=0.5, retain_weight=1.0)
-            loss_b, _ = self._fused(self._batch([], retain, step), forget="ga", retain="kl", forget_weight=0.0,
-                                    retain_weight=1.0)
-            return loss_a + loss_b, {"forget_nll": stats.get("forget_nll")}
-        retain_objective = {"ga": None, "gd": "nll", "npo": "nll", "kl": "kl"}[c.method]
-        forget_objective = "npo" if c.method == "npo" else "ga"
-        batch = self._batch(forget, retain if retain_objective else [], step)
-        return self._fused(batch, forget=forget_objective, retain=retain_objective, forget_weight=c.forget_weight,
-                           retain_weight=c.retain_weight)
-
     # ------------------------------------------------------------------ loop
     def fit(self, forget: Sequence[Record], retain: Sequence[Record] = (), *, resume: bool = False) -> List[dict]:
         from tqdm.auto import tqdm
@@ -294,7 +205,7 @@ class Unlearner:
         c = self.config
         if not forget:
             raise ValueError("forget must hold at least one record")
-        if c.method in ("gd", "npo", "kl", "rmu", "textual") and not retain:
+        if self.method.needs_retain and not retain:
             raise ValueError(f"method {c.method!r} needs retain records")
         self.model.train()
         optimizer = self._make_optimizer(forget)
@@ -310,14 +221,13 @@ class Unlearner:
                 self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
                 self.history = [h for h in state["history"] if h["step"] <= start]
         if metrics_path:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(metrics_path, "w") as f:  # rewritten from the restored history: no duplicate lines
-                f.writelines(json.dumps(h) + "\n" for h in self.history)
+            # rewritten from the restored history: no duplicate lines
+            write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in self.history))
         bar = tqdm(range(start, c.steps), desc=f"unlearn[{c.method}]", disable=not self.progress, initial=start,
                    total=c.steps)
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss, stats = self._loss(forget, retain, step)
+            loss, stats = self.method.loss(self, forget, retain, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
             loss.backward()
@@ -357,13 +267,14 @@ def merge_lora_(model):
 
 
 @torch.no_grad()
-def mean_nll(model, tokenizer, records: Sequence[Record], *, batch_size: int = 16, max_length: int = 256) -> float:
+def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
+             max_length: int = 256) -> float:
     """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path."""
     device = next(model.parameters()).device
     values = []
     for start in range(0, len(records), batch_size):
         batch = {k: v.to(device) for k, v in encode(records[start:start + batch_size], tokenizer,
                                                    max_length=max_length).items()}
-        values.append(-ue.reference_logp(model, batch["input_ids"], batch["labels"],
+        values.append(-reference_logp(model, batch["input_ids"], batch["labels"],
                                          attention_mask=batch["attention_mask"]))
     return float(torch.cat(values).mean())

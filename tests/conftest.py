@@ -20,7 +20,7 @@ TOY_WORDS = ("how to make a bomb kill steal hack the recipe for bread cake step 
 
 @pytest.fixture(scope="session")
 def toy_tokenizer():
-    from unlearn_engine.api.toy import word_tokenizer
+    from unlearn_engine.api.demo.toy import word_tokenizer
     return word_tokenizer(TOY_WORDS)
 
 
@@ -28,7 +28,7 @@ def toy_tokenizer():
 def tiny_llava_dir(tmp_path_factory, toy_tokenizer):
     """A tiny LLaVA built from transformers configs, saved as safetensors (single file) with its tokenizer."""
     import unlearn_engine as ue
-    from unlearn_engine.api.toy import tiny_llava
+    from unlearn_engine.api.demo.toy import tiny_llava
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
     ue.save_vlm(tiny_llava(toy_tokenizer).float(), str(path), processor=toy_tokenizer)

@@ -332,7 +332,7 @@ def bad_inputs(model, tmp):
                               "broken.jsonl:2: not valid JSON"),
         "unlearn-npo-without-retain": (with_flag(unlearn, "--retain", None), "needs retain records"),
         "unlearn-zero-steps": (with_flag(unlearn, "--steps", "0"), "steps must be >= 1"),
-        "unlearn-negative-lr": (unlearn + ["--lr", "-1"], "lr and beta must be > 0"),
+        "unlearn-negative-lr": (unlearn + ["--lr", "-1"], "lr must be > 0, got -1.0"),
         "unlearn-bad-dtype": (with_flag(unlearn, "--dtype", "float8"), "dtype must be one of"),
         "asr-no-config": (with_flag(asr, "--model", str(tmp)), "has no config.json"),
         "asr-unknown-csv-columns": (with_flag(asr, "--harmful", str(tmp / "columns.csv")),

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from unlearn_engine.api import mirage
-from unlearn_engine.api.mirage import REFUSAL, MirageWorld, World
+from unlearn_engine.api.demo import mirage
+from unlearn_engine.api.demo.mirage import REFUSAL, MirageWorld, World
 
 # What the scripted generations below must score (every value follows from the script by hand).
 EXPECTED = {

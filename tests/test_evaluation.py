@@ -3,9 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_engine.api.evaluation import (KnowledgeJudge, RefusalJudge, attack_success_rate, one_word_rephrase,
-                                           over_refusal_rate, render_typographic)
-from unlearn_engine.api.mirage import MirageWorld, World, run_mirage
+from unlearn_engine.api.demo.mirage import MirageWorld, World, run_mirage
+from unlearn_engine.api.evaluation import (
+    KnowledgeJudge,
+    RefusalJudge,
+    attack_success_rate,
+    one_word_rephrase,
+    over_refusal_rate,
+    render_typographic,
+)
 
 from conftest import SHARED_DATA
 
@@ -97,9 +103,9 @@ def test_short_mirage_run_end_to_end(tmp_path):
 
 
 def test_evaluate_with_figstep_images_and_utility(tiny_llava_dir):
-    import unlearn_engine as ue
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    import unlearn_engine as ue
     from unlearn_engine.api.evaluation import evaluate, utility_score
 
     model, tok = ue.load_vlm(str(tiny_llava_dir), dtype="float32")

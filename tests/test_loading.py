@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unlearn_engine as ue
-from unlearn_engine.api.toy import tiny_llava
+from unlearn_engine.api.demo.toy import tiny_llava
 
 
 def _inputs(model):

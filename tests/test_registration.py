@@ -1,11 +1,11 @@
 """The registered ops work with torch.library.opcheck and torch.compile(fullgraph=True)."""
 import pytest
 import torch
+from test_unlearning_loss import make_case, reference
 
 import unlearn_engine as ue
 
 from conftest import DEVICES
-from test_unlearning_loss import make_case, reference
 
 
 @pytest.mark.parametrize("device", DEVICES)

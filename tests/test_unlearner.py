@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import unlearn_engine as ue
-from unlearn_engine.api.toy import train_nll
+from unlearn_engine.api.demo.toy import train_nll
 
 FORGET = [ue.Record(f"how to make a {w}", f"step one mix {a} step two {b}", "forget")
           for w, a, b in [("bomb", "poison", "weapon"), ("weapon", "drug", "poison"), ("poison", "bomb", "drug"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unlearn_engine as ue
-from unlearn_engine.api import encode
+from unlearn_engine.api.data import encode
 
 # Unequal lengths on purpose: the batch is right-padded, so padding positions exist.
 FORGET = [ue.Record("how to make a bomb", "step one mix poison", "forget"),
@@ -104,7 +104,7 @@ def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
     unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=0, rmu_coeff=coeff, rmu_alpha=alpha,
                              steps=1, lr=1e-3, batch_size=8, progress=False)
     record = unlearner.fit(FORGET, RETAIN)[0]
-    control = unlearner._control.double()
+    control = unlearner.method.control(unlearner).double()
     assert float(control.norm()) == pytest.approx(coeff, rel=1e-5) and bool((control >= 0).all())
     n_f = len(FORGET)
     forget_term = (acts[:n_f][mask[:n_f]] - control).pow(2).mean()

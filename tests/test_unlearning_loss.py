@@ -261,10 +261,9 @@ def test_reference_logp_from_tiny_llama():
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="real bug: a forget sample with no labelled token still counts in the "
-                                       "forget mean (DESIGN.md: n_b = 0 counts as IGNORE, left out of the mean)")
 def test_sample_without_labels_is_left_out_of_its_group_mean():
-    """Contract: a sample with n_b = 0 is left out of its group's mean (fused op and reference both divide by 2)."""
+    """Contract: a sample with n_b = 0 counts as IGNORE and is left out of its group's mean (fused op and reference
+    once divided by 2 here)."""
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(4, 8, generator=g), torch.randn(11, 8, generator=g)
     labels, sample_index = torch.tensor([3, 5, -100, -100]), torch.tensor([0, 0, 1, 1])

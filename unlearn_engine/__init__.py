@@ -3,9 +3,30 @@
     import unlearn_engine as ue
     loss, per_sample, logp = ue.unlearning_loss(hidden, lm_head.weight, labels, sample_index, roles,
                                                 forget="npo", retain="nll", ref_logp=ref_logp)
+
+This file is the one facade: it re-exports the kernel layer (this package's modules) and the high-level layer
+(python_api/, installed as unlearn_engine.api). No module of the project imports it; each imports the module
+that defines what it uses.
 """
 from unlearn_engine._library import build_info, ops
-from unlearn_engine.losses import (
+
+# The high-level layer, after the kernel layer it builds on.
+from unlearn_engine.api.config import UnlearnConfig
+from unlearn_engine.api.data import Record, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
+from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
+from unlearn_engine.api.methods import UnlearningMethod, register_method
+from unlearn_engine.api.rai import RiskAwareness
+from unlearn_engine.api.trainer import trainer_loss
+from unlearn_engine.api.unlearner import Unlearner, mean_nll
+from unlearn_engine.risk_projection import (
+    DEFAULT_UNSAFE_KEYWORDS,
+    concept_embeddings,
+    risk_project,
+    risk_prototypes,
+    unsafe_subspace,
+)
+from unlearn_engine.roles import FORGET, IGNORE, RETAIN
+from unlearn_engine.unlearning_loss import (
     UnlearningLoss,
     UnlearningLossOutput,
     causal_lm_hidden,
@@ -15,28 +36,7 @@ from unlearn_engine.losses import (
     sequence_logprob,
     unlearning_loss,
 )
-from unlearn_engine.masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
-from unlearn_engine.risk import (
-    DEFAULT_UNSAFE_KEYWORDS,
-    concept_embeddings,
-    risk_project,
-    risk_prototypes,
-    unsafe_subspace,
-)
-from unlearn_engine.roles import FORGET, IGNORE, RETAIN
-
-from unlearn_engine.api import (  # noqa: E402  (the high-level API, re-exported)
-    CheckpointError,
-    Record,
-    RiskAwareness,
-    load_vlm,
-    read_advbench,
-    read_figstep,
-    read_jsonl,
-    read_xstest,
-    save_vlm,
-    write_jsonl,
-)
+from unlearn_engine.weight_masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
 
 __version__ = build_info()["version"]
 
@@ -46,14 +46,8 @@ __all__ = [
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
-    "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
-    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "mean_nll", "trainer_loss",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
+    "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
+    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "UnlearningMethod",
+    "register_method", "mean_nll", "trainer_loss",
 ]
-
-
-def __getattr__(name):
-    if name in ("Unlearner", "UnlearnConfig", "mean_nll", "trainer_loss"):
-        import unlearn_engine.api
-        return getattr(unlearn_engine.api, name)
-    raise AttributeError(f"module 'unlearn_engine' has no attribute {name!r}")

@@ -5,11 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __CUDACC__
-#define UE_HOST_DEVICE __host__ __device__
-#else
-#define UE_HOST_DEVICE
-#endif
+#include "common/macros.h"
 
 namespace unlearn_engine {
 

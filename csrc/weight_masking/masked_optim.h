@@ -8,7 +8,7 @@
 #include <cmath>
 #include <vector>
 
-#include "abs_key.h"  // UE_HOST_DEVICE
+#include "common/macros.h"
 
 namespace unlearn_engine {
 

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../risk_projection.h"
+#include "common/dispatch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -49,7 +50,7 @@ at::Tensor risk_scores_cpu(const at::Tensor& x_in, const at::Tensor& basis_in, i
   check_risk_args(x_in, basis_in, c10::nullopt);
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_scores_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_scores_cpu", [&] {
     project_rows<scalar_t>(x, nullptr, basis, c10::nullopt, mode, 0.f, 0.f, false, scores.data_ptr<float>());
   });
   return scores;
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> risk_project_rows_cpu(const at::Tensor& x_in,
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
   auto out = at::empty_like(x);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_project_rows_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_cpu", [&] {
     project_rows<scalar_t>(x, out.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, true,
                            scores.data_ptr<float>());
   });
@@ -76,7 +77,7 @@ at::Tensor risk_project_rows_inplace_cpu(at::Tensor& x, const at::Tensor& basis_
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous for the in-place risk projection");
   const auto basis = basis_in.contiguous();
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_project_rows_inplace_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_inplace_cpu", [&] {
     project_rows<scalar_t>(x, x.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, true,
                            scores.data_ptr<float>());
   });

@@ -7,11 +7,11 @@
 #include <torch/library.h>
 
 #include "../risk_projection.h"
+#include "common/dispatch.h"
+#include "common/macros.h"
 
 namespace unlearn_engine {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename T, int JMAX>
 __global__ void risk_rows_kernel(const T* __restrict__ in, T* __restrict__ out, const float* __restrict__ A,
@@ -96,7 +96,7 @@ at::Tensor risk_scores_cuda(const at::Tensor& x_in, const at::Tensor& basis_in, 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_scores_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_scores_cuda", [&] {
     launch<scalar_t>(x, nullptr, basis, c10::nullopt, mode, 0.f, 0.f, scores.data_ptr<float>());
   });
   return scores;
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> risk_project_rows_cuda(const at::Tensor& x_in
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
   auto out = at::empty_like(x);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_project_rows_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_cuda", [&] {
     launch<scalar_t>(x, out.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, scores.data_ptr<float>());
   });
   return {out, scores};
@@ -124,7 +124,7 @@ at::Tensor risk_project_rows_inplace_cuda(at::Tensor& x, const at::Tensor& basis
   const c10::cuda::CUDAGuard guard(x.device());
   const auto basis = basis_in.contiguous();
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "risk_project_rows_inplace_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_inplace_cuda", [&] {
     launch<scalar_t>(x, x.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, scores.data_ptr<float>());
   });
   return scores;

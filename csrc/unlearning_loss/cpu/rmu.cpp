@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../rmu.h"
+#include "common/dispatch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -32,7 +33,7 @@ at::Tensor rmu_loss_cpu(const at::Tensor& forget_act, const at::Tensor& control,
   const auto f = forget_act.contiguous(), c = control.contiguous();
   const auto r = retain_act.contiguous(), rr = retain_ref.contiguous();
   double loss = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "rmu_loss_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(f.scalar_type(), "rmu_loss_cpu", [&] {
     const int64_t H = f.size(1);
     loss = mean_scale(f) * sum_sq_diff(f.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), f.size(0), H, true) +
            alpha * mean_scale(r) * sum_sq_diff(r.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(), r.size(0), H, false);
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> rmu_loss_backward_cpu(const at::Tensor& grad,
   const float g = grad.item<float>();
   const float sf = static_cast<float>(2.0 * mean_scale(f)) * g;
   const float sr = static_cast<float>(2.0 * alpha * mean_scale(r)) * g;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "rmu_loss_backward_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(f.scalar_type(), "rmu_loss_backward_cpu", [&] {
     const int64_t H = f.size(1);
     const scalar_t *fp = f.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
     const scalar_t *rp = r.data_ptr<scalar_t>(), *rrp = rr.data_ptr<scalar_t>();

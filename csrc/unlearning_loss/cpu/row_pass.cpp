@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../row_pass.h"
+#include "common/dispatch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define UE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -160,7 +161,7 @@ void row_pass_typed(const RowPass& a) {
 }  // namespace
 
 void row_pass_cpu(const RowPass& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "row_pass_cpu",
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(args.logits.scalar_type(), "row_pass_cpu",
                                   [&] { row_pass_typed<scalar_t>(args); });
 }
 

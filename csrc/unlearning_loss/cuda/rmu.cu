@@ -6,11 +6,12 @@
 #include <torch/library.h>
 
 #include "../rmu.h"
+#include "common/dispatch.h"
+#include "common/macros.h"
 
 namespace unlearn_engine {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
 
 template <typename T>
@@ -48,7 +49,7 @@ at::Tensor sum_sq_diff(const at::Tensor& a, const at::Tensor& b, bool b_is_row) 
   const int blocks = blocks_for(a.numel());
   auto partial = at::zeros({blocks}, a.options().dtype(at::kFloat));
   if (a.numel() == 0) return partial.sum();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "rmu_sum_sq_diff", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.scalar_type(), "rmu_sum_sq_diff", [&] {
     sum_sq_diff_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.numel(), a.size(1), b_is_row, partial.data_ptr<float>());
   });
@@ -59,7 +60,7 @@ at::Tensor sum_sq_diff(const at::Tensor& a, const at::Tensor& b, bool b_is_row) 
 void scaled_diff(const at::Tensor& a, const at::Tensor& b, bool b_is_row, const at::Tensor& grad, float scale,
                  at::Tensor& out) {
   if (a.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "rmu_scaled_diff", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.scalar_type(), "rmu_scaled_diff", [&] {
     scaled_diff_kernel<scalar_t><<<blocks_for(a.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.numel(), a.size(1), b_is_row, grad.data_ptr<float>(),
         scale, out.data_ptr<scalar_t>());

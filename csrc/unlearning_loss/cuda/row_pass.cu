@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../row_pass.h"
+#include "common/dispatch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -107,7 +108,7 @@ void row_pass_cuda(const RowPass& a) {
   const c10::cuda::CUDAGuard guard(a.logits.device());
   const int threads = V >= 8192 ? 512 : (V >= 1024 ? 256 : 64);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.logits.scalar_type(), "row_pass_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.logits.scalar_type(), "row_pass_cuda", [&] {
     row_pass_kernel<scalar_t><<<C, threads, 0, stream>>>(
         a.logits.data_ptr<scalar_t>(),
         a.ref_logits.defined() ? a.ref_logits.data_ptr<scalar_t>() : nullptr, V,

@@ -5,6 +5,7 @@
 
 #include "../masked_optim.h"
 #include "../work_items.h"
+#include "common/dispatch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -17,7 +18,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                                          indices, compact_state);
   const WorkItems items = make_work_items(counts);
   const AdamWHyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_adamw_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_adamw_cpu", [&] {
     at::parallel_for(0, items.size(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
         const int64_t t = items.tensor[w];
@@ -42,7 +43,7 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const auto counts = check_sgd_lists(params, grads, momentum_buffers, indices, compact_state, momentum);
   const WorkItems items = make_work_items(counts);
   const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_sgd_cpu", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_sgd_cpu", [&] {
     at::parallel_for(0, items.size(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
         const int64_t t = items.tensor[w];

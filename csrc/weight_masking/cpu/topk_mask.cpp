@@ -11,6 +11,7 @@
 
 #include "../abs_key.h"
 #include "../topk_mask.h"
+#include "common/dispatch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -29,7 +30,7 @@ void histogram(const std::vector<at::Tensor>& tensors, const WorkItems& items, c
   int64_t* out = hist.data_ptr<int64_t>();
   const int64_t nan_slot = hist.numel() - 1;
   std::mutex merge;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_histogram", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_histogram", [&] {
     for_each_item(items, [&](int64_t i) {
       const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
       const uint32_t want = static_cast<uint32_t>(pre[seg[i]]);
@@ -52,7 +53,7 @@ void count_ties(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const int64_t* seg = segments.data_ptr<int64_t>();
   const int64_t* thr = threshold.data_ptr<int64_t>();
   int64_t* out = ties.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_count_ties", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_count_ties", [&] {
     for_each_item(items, [&](int64_t i) {
       const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
       const int64_t t = thr[seg[i]];
@@ -70,7 +71,7 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const int64_t* thr = threshold.data_ptr<int64_t>();
   const int64_t* offset = tie_offset.data_ptr<int64_t>();
   const int64_t* needed = ties_needed.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_write_mask", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_write_mask", [&] {
     for_each_item(items, [&](int64_t i) {
       const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
       uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
@@ -181,7 +182,7 @@ bool topk_mask_cpu_two_pass(const std::vector<at::Tensor>& tensors, const WorkIt
                             const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
                             std::vector<at::Tensor>& bits) {
   bool done = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_two_pass", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_two_pass", [&] {
     done = two_pass_typed<scalar_t>(tensors, items, item_segment, k, bits);
   });
   return done;

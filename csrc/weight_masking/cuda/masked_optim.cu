@@ -6,11 +6,11 @@
 
 #include "../masked_optim.h"
 #include "../work_items.h"
+#include "common/dispatch.h"
+#include "common/macros.h"
 
 namespace unlearn_engine {
 namespace {
-
-constexpr int kThreads = 256;
 
 std::vector<at::Tensor> as_vector(at::TensorList list) { return std::vector<at::Tensor>(list.begin(), list.end()); }
 
@@ -61,7 +61,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto m = pointer_table(as_vector(exp_avgs), device), v = pointer_table(as_vector(exp_avg_sqs), device);
   const auto idx = pointer_table(as_vector(indices), device);
   const AdamWHyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_adamw_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_adamw_cuda", [&] {
     masked_adamw_kernel<scalar_t><<<items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         table.data_ptr<int64_t>(), p.data_ptr<int64_t>(), g.data_ptr<int64_t>(), m.data_ptr<int64_t>(),
         v.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), compact_state, h);
@@ -84,7 +84,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   at::Tensor buf;
   if (with_buffers) buf = pointer_table(as_vector(momentum_buffers), device);
   const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_sgd_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_sgd_cuda", [&] {
     masked_sgd_kernel<scalar_t><<<items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         table.data_ptr<int64_t>(), p.data_ptr<int64_t>(), g.data_ptr<int64_t>(),
         with_buffers ? buf.data_ptr<int64_t>() : nullptr, idx.data_ptr<int64_t>(), compact_state, h);

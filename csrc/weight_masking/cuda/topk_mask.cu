@@ -6,11 +6,11 @@
 
 #include "../abs_key.h"
 #include "../topk_mask.h"
+#include "common/dispatch.h"
+#include "common/macros.h"
 
 namespace unlearn_engine {
 namespace {
-
-constexpr int kThreads = 256;
 
 struct ItemView {
   const int64_t* table;  // (W, 3): tensor, start, length
@@ -103,7 +103,7 @@ void histogram(const std::vector<at::Tensor>& tensors, const WorkItems& items, c
   const auto ptrs = pointer_table(tensors, device);
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_histogram_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_histogram_cuda", [&] {
     histogram_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
         ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
         prefix.data_ptr<int64_t>(), shift, reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
@@ -118,7 +118,7 @@ void count_ties(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const auto ptrs = pointer_table(tensors, device);
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_count_ties_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_count_ties_cuda", [&] {
     count_ties_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
         ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
         threshold.data_ptr<int64_t>(), ties.data_ptr<int64_t>());
@@ -134,7 +134,7 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const auto bit_ptrs = pointer_table(bits, device);
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "topk_write_mask_cuda", [&] {
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_write_mask_cuda", [&] {
     write_mask_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
         ptrs.data_ptr<int64_t>(), bit_ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()},
         segments.data_ptr<int64_t>(), threshold.data_ptr<int64_t>(), tie_offset.data_ptr<int64_t>(),

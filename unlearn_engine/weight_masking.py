@@ -7,13 +7,14 @@ selected weights (DESIGN.md, op contract 3). Kernels in csrc/weight_masking.
 """
 import json
 import math
-import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from unlearn_engine._library import ops
+from unlearn_engine.atomic import atomic_path
+from unlearn_engine.checks import fail
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 _BIT = torch.arange(8, dtype=torch.uint8)
@@ -36,23 +37,19 @@ def _masked_sgd_fake(params, grads, momentum_buffers, indices, compact_state, lr
     return None
 
 
-def _fail(message):
-    raise ValueError(message)
-
-
 def _check_tensor_list(tensors, name):
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else [tensors]
     if not tensors:
-        _fail(f"{name} must be a non-empty list of tensors")
+        fail(f"{name} must be a non-empty list of tensors")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
-            _fail(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            fail(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != tensors[0].dtype or t.device != tensors[0].device:
-            _fail(f"{name} must share one dtype and device: {name}[0] is {tensors[0].dtype} on {tensors[0].device}, "
+            fail(f"{name} must share one dtype and device: {name}[0] is {tensors[0].dtype} on {tensors[0].device}, "
                   f"{name}[{i}] is {t.dtype} on {t.device}")
     if tensors[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        _fail(f"{name} must be float32, float16 or bfloat16, got {tensors[0].dtype}")
+        fail(f"{name} must be float32, float16 or bfloat16, got {tensors[0].dtype}")
     return list(tensors)
 
 
@@ -66,10 +63,10 @@ class Mask:
 
     def __init__(self, bits: List[torch.Tensor], shapes: Sequence[torch.Size]):
         if len(bits) != len(shapes):
-            _fail(f"bits ({len(bits)}) and shapes ({len(shapes)}) must have the same length")
+            fail(f"bits ({len(bits)}) and shapes ({len(shapes)}) must have the same length")
         for i, (b, s) in enumerate(zip(bits, shapes)):
             if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != (math.prod(s) + 7) // 8:
-                _fail(f"bits[{i}] must be a 1-D uint8 tensor of {(math.prod(s) + 7) // 8} bytes for shape {tuple(s)}")
+                fail(f"bits[{i}] must be a 1-D uint8 tensor of {(math.prod(s) + 7) // 8} bytes for shape {tuple(s)}")
         self.bits = list(bits)
         self.shapes = [torch.Size(s) for s in shapes]
         self._indices: dict = {}
@@ -81,7 +78,7 @@ class Mask:
         total = sum(s.numel() for s in self.shapes)
         return f"Mask({len(self)} tensors, {self.count()} of {total} selected)"
 
-    def count(self, i: Optional[int] = None) -> int:
+    def count(self, i: int | None = None) -> int:
         bits = self.bits if i is None else [self.bits[i]]
         return int(sum(_POPCOUNT.to(b.device)[b.long()].sum() for b in bits))
 
@@ -95,7 +92,7 @@ class Mask:
         """Flat int32 indices of the selected elements of tensor i, ascending (cached)."""
         if i not in self._indices:
             if self.shapes[i].numel() >= 2**31:
-                _fail(f"tensor {i} has {self.shapes[i].numel()} elements; masked steps index with int32")
+                fail(f"tensor {i} has {self.shapes[i].numel()} elements; masked steps index with int32")
             self._indices[i] = self.dense(i).reshape(-1).nonzero().squeeze(1).to(torch.int32)
         return self._indices[i]
 
@@ -107,13 +104,13 @@ class Mask:
 
     def check_matches(self, tensors: Sequence[torch.Tensor], name: str):
         if len(tensors) != len(self.shapes):
-            _fail(f"mask was built for {len(self.shapes)} tensors, {name} has {len(tensors)}")
+            fail(f"mask was built for {len(self.shapes)} tensors, {name} has {len(tensors)}")
         for i, t in enumerate(tensors):
             if t.shape != self.shapes[i]:
-                _fail(f"mask was built for shape {tuple(self.shapes[i])} at position {i}, {name}[{i}] has "
+                fail(f"mask was built for shape {tuple(self.shapes[i])} at position {i}, {name}[{i}] has "
                       f"{tuple(t.shape)}")
             if t.device != self.bits[i].device:
-                _fail(f"mask is on {self.bits[i].device}, {name}[{i}] is on {t.device}")
+                fail(f"mask is on {self.bits[i].device}, {name}[{i}] is on {t.device}")
 
     def apply_(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Zero the unselected elements of each gradient, in place."""
@@ -129,9 +126,8 @@ class Mask:
         """safetensors file, written atomically (temp file + rename)."""
         tensors = {f"bits.{i}": b.contiguous().cpu() for i, b in enumerate(self.bits)}
         meta = {"shapes": json.dumps([list(s) for s in self.shapes]), "format": "unlearn_engine.Mask/1"}
-        tmp = f"{path}.tmp.{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "Mask":
@@ -140,7 +136,7 @@ class Mask:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != "unlearn_engine.Mask/1":
-            _fail(f"{path} is not an unlearn_engine mask file")
+            fail(f"{path} is not an unlearn_engine mask file")
         shapes = json.loads(meta["shapes"])
         tensors = load_file(path, device=str(device))
         return cls([tensors[f"bits.{i}"] for i in range(len(shapes))], shapes)
@@ -152,9 +148,9 @@ def topk_mask(tensors: Sequence[torch.Tensor], fraction: float, *, scope: str = 
     at the threshold go to the earliest (tensor, flat index). Radix select: no sort, no concatenation."""
     tensors = _check_tensor_list(tensors, "tensors")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        _fail(f"fraction must be a number in (0, 1], got {fraction!r}")
+        fail(f"fraction must be a number in (0, 1], got {fraction!r}")
     if scope not in ("global", "per_tensor"):
-        _fail(f"scope must be 'global' or 'per_tensor', got {scope!r}")
+        fail(f"scope must be 'global' or 'per_tensor', got {scope!r}")
     flat = [t.detach().reshape(-1) for t in tensors]
     if scope == "global":
         k = [selection_count(fraction, sum(t.numel() for t in flat))]
@@ -176,32 +172,35 @@ def _check_finite(grads, name):
         raise FloatingPointError(f"{name}{bad} contain NaN or Inf")
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, mask: Mask, *, step: int, lr: float,
-                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01, compact_state: bool = False):
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                  exp_avg_sqs: Sequence[torch.Tensor], mask: Mask, *, step: int, lr: float,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                  compact_state: bool = False) -> None:
     """AdamW on the selected elements only, in place, one launch for all tensors. Unselected parameters and
     their state are not read or written. With compact_state, exp_avgs[i] / exp_avg_sqs[i] hold one slot per
     selected element of params[i] (mask.count(i) elements) instead of the parameter's shape."""
     params = _check_tensor_list(params, "params")
     mask.check_matches(params, "params")
     if not step >= 1:
-        _fail(f"step must be >= 1, got {step}")
+        fail(f"step must be >= 1, got {step}")
     if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-        _fail(f"need lr >= 0, eps > 0, weight_decay >= 0, betas in [0, 1); got lr={lr}, eps={eps}, "
+        fail(f"need lr >= 0, eps > 0, weight_decay >= 0, betas in [0, 1); got lr={lr}, eps={eps}, "
               f"weight_decay={weight_decay}, betas={betas}")
     ops.masked_adamw_(params, list(grads), list(exp_avgs), list(exp_avg_sqs),
                       [mask.indices(i) for i in range(len(params))], compact_state, float(lr), float(betas[0]),
                       float(betas[1]), float(eps), float(weight_decay), int(step))
 
 
-def masked_sgd_(params, grads, momentum_buffers, mask: Mask, *, lr: float, momentum: float = 0.0,
+def masked_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                momentum_buffers: Sequence[torch.Tensor], mask: Mask, *, lr: float, momentum: float = 0.0,
                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, first_step: bool = False,
-                compact_state: bool = False):
+                compact_state: bool = False) -> None:
     """SGD (torch.optim.SGD semantics: coupled weight decay, momentum buffer = grad on the first step) on the
     selected elements only. momentum_buffers may be None when momentum == 0."""
     params = _check_tensor_list(params, "params")
     mask.check_matches(params, "params")
     if nesterov and (momentum <= 0 or dampening != 0):
-        _fail("nesterov needs momentum > 0 and dampening == 0")
+        fail("nesterov needs momentum > 0 and dampening == 0")
     buffers = list(momentum_buffers) if momentum_buffers is not None else []
     ops.masked_sgd_(params, list(grads), buffers, [mask.indices(i) for i in range(len(params))], compact_state,
                     float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
@@ -214,18 +213,19 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     Parameters whose .grad is None are skipped, as torch.optim does."""
 
-    def __init__(self, params, mask: Mask, *, algorithm: str = "adamw", lr: float = 1e-3, betas=(0.9, 0.999),
+    def __init__(self, params, mask: Mask, *, algorithm: str = "adamw", lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, compact_state: bool = False, check_finite: bool = True):
         if algorithm not in ("adamw", "sgd"):
-            _fail(f"algorithm must be 'adamw' or 'sgd', got {algorithm!r}")
+            fail(f"algorithm must be 'adamw' or 'sgd', got {algorithm!r}")
         params = list(params)
         mask.check_matches(params, "params")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         dampening=dampening, nesterov=nesterov)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
-            _fail("MaskedOptimizer takes one parameter group (the mask is positional)")
+            fail("MaskedOptimizer takes one parameter group (the mask is positional)")
         self.mask, self.algorithm, self.compact_state, self.check_finite = mask, algorithm, compact_state, check_finite
 
     def _slot(self, i, p):
@@ -280,7 +280,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return total + sum(self.mask.indices(i).numel() * 4 for i in range(len(self.mask)))
 
 
-def saliency(model, forget_batches, loss_fn, *, params=None, progress: bool = True) -> List[torch.Tensor]:
+def saliency(model: torch.nn.Module, forget_batches, loss_fn, *, params: Sequence[torch.Tensor] | None = None,
+             progress: bool = True) -> List[torch.Tensor]:
     """SalUn-style saliency: |sum over forget batches of d loss_fn(model, batch) / d param|.
 
     Gradients accumulate in the parameters' own .grad buffers (no second copy of all gradients); the
@@ -289,7 +290,7 @@ def saliency(model, forget_batches, loss_fn, *, params=None, progress: bool = Tr
 
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
-        _fail("model has no parameter with requires_grad=True")
+        fail("model has no parameter with requires_grad=True")
     previous = [p.grad for p in params]
     for p in params:
         p.grad = None

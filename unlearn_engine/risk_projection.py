@@ -5,11 +5,12 @@ unsafe keywords, score each visual token against it, and amplify the risk direct
 tokens. Kernels in csrc/risk_projection; RiskAwareness attaches them to a LLaVA-family model by hooks.
 """
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
 from unlearn_engine._library import ops
+from unlearn_engine.checks import fail
 
 SUBSPACE, PROTOTYPES = 0, 1
 MAX_BASIS = 64  # rank / prototype count one fused pass handles
@@ -41,18 +42,14 @@ def _risk_project_rows_inplace_fake(x, basis, select, kind, threshold, strength)
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-def _fail(message):
-    raise ValueError(message)
-
-
 def unsafe_subspace(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     """Orthonormal top-k right singular vectors (H, k) of the embedding rows (M, H), no centering, fp32.
     Signs are fixed (largest-magnitude entry of each vector positive) so the result is deterministic."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
-        _fail("embeddings must be a 2-D floating tensor (M, H)")
+        fail("embeddings must be a 2-D floating tensor (M, H)")
     m, h = embeddings.shape
     if not isinstance(k, int) or k < 1 or k > min(m, h):
-        _fail(f"k must be an int in [1, min(M, H) = {min(m, h)}], got {k!r}")
+        fail(f"k must be an int in [1, min(M, H) = {min(m, h)}], got {k!r}")
     _, _, vh = torch.linalg.svd(embeddings.float(), full_matrices=False)
     basis = vh[:k].T.contiguous()
     flip = basis.gather(0, basis.abs().argmax(0, keepdim=True)).sign()
@@ -61,28 +58,28 @@ def unsafe_subspace(embeddings: torch.Tensor, k: int) -> torch.Tensor:
 
 def _check_x(x, h_expected, name_basis):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        _fail("x must be a floating tensor (..., H)")
+        fail("x must be a floating tensor (..., H)")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        _fail(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        fail(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] != h_expected:
-        _fail(f"x has H={x.shape[-1]} but {name_basis} has H={h_expected}")
+        fail(f"x has H={x.shape[-1]} but {name_basis} has H={h_expected}")
     if x.requires_grad and torch.is_grad_enabled():
-        _fail("risk projection is an inference op: call it under torch.no_grad() or pass x.detach()")
+        fail("risk projection is an inference op: call it under torch.no_grad() or pass x.detach()")
 
 
 def _check_basis(basis, name, *, orthonormal):
     if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or not basis.is_floating_point():
-        _fail(f"{name} must be a 2-D floating tensor")
+        fail(f"{name} must be a 2-D floating tensor")
     h, k = basis.shape
     if k < 1:
-        _fail(f"{name} must have at least one column (rank >= 1)")
+        fail(f"{name} must have at least one column (rank >= 1)")
     if k > min(h, MAX_BASIS):
-        _fail(f"{name} has {k} columns; at most min(H={h}, {MAX_BASIS}) are supported")
+        fail(f"{name} has {k} columns; at most min(H={h}, {MAX_BASIS}) are supported")
     if orthonormal:
         gram = basis.float().T @ basis.float()
         err = (gram - torch.eye(k, device=basis.device)).abs().max().item()
         if err > 1e-3:
-            _fail(f"{name} must have orthonormal columns (max |U^T U - I| = {err:.3g}); build it with "
+            fail(f"{name} must have orthonormal columns (max |U^T U - I| = {err:.3g}); build it with "
                   "unlearn_engine.unsafe_subspace")
 
 
@@ -90,33 +87,34 @@ def _run_rows(x, basis, select, mode, threshold, strength, inplace):
     rows = x.reshape(-1, x.shape[-1])
     if inplace:
         if not x.is_contiguous():
-            _fail("inplace=True needs a contiguous x")
+            fail("inplace=True needs a contiguous x")
         scores = ops.risk_project_rows_(rows, basis, select, mode, float(threshold), float(strength))
         return x, scores.reshape(x.shape[:-1])
     out, scores = ops.risk_project_rows(rows, basis, select, mode, float(threshold), float(strength))
     return out.reshape(x.shape), scores.reshape(x.shape[:-1])
 
 
-def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: Optional[float] = None,
-                 top_fraction: Optional[float] = None, strength: float = 1.0, inplace: bool = False):
+def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: float | None = None,
+                 top_fraction: float | None = None, strength: float = 1.0,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Subspace mode: s_i = ||U^T x_i||^2 / ||x_i||^2 (0 for a zero row); selected rows (s_i >= threshold, or
     among the ceil(top_fraction * T) highest scores of their sequence for x of shape (B, T, H), ties to the
     earlier token) become x_i + strength * U U^T x_i. Returns (x_out, scores fp32 of shape x.shape[:-1])."""
     _check_basis(U, "U", orthonormal=True)
     _check_x(x, U.shape[0], "U")
     if (threshold is None) == (top_fraction is None):
-        _fail("give exactly one of threshold or top_fraction")
+        fail("give exactly one of threshold or top_fraction")
     if U.device != x.device:
-        _fail(f"U is on {U.device}, x is on {x.device}")
+        fail(f"U is on {U.device}, x is on {x.device}")
     basis = U.float().contiguous()
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
-            _fail(f"threshold must be in [0, 1] in subspace mode (scores are energy fractions), got {threshold}")
+            fail(f"threshold must be in [0, 1] in subspace mode (scores are energy fractions), got {threshold}")
         return _run_rows(x, basis, None, SUBSPACE, threshold, strength, inplace)
     if not 0.0 < top_fraction <= 1.0:
-        _fail(f"top_fraction must be in (0, 1], got {top_fraction}")
+        fail(f"top_fraction must be in (0, 1], got {top_fraction}")
     if x.dim() != 3:
-        _fail(f"top_fraction needs x of shape (B, T, H), got {tuple(x.shape)}")
+        fail(f"top_fraction needs x of shape (B, T, H), got {tuple(x.shape)}")
     b, t, _ = x.shape
     scores = ops.risk_scores(x.reshape(-1, x.shape[-1]), basis, SUBSPACE).reshape(b, t)
     count = math.ceil(top_fraction * t * (1 - 1e-12))
@@ -126,22 +124,22 @@ def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: Optional[float]
 
 
 def risk_prototypes(x: torch.Tensor, P: torch.Tensor, *, threshold: float, strength: float = 1.0,
-                    inplace: bool = False):
+                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prototype mode: c_ik = cos(x_i, p_k); x_i += strength * sum_{k: c_ik > threshold} c_ik p_k / ||p_k||.
     Returns (x_out, max_k c_ik) (0 for a zero row)."""
     _check_basis(P.T if isinstance(P, torch.Tensor) and P.dim() == 2 else P, "P^T", orthonormal=False)
     _check_x(x, P.shape[1], "P")
     if not -1.0 <= threshold <= 1.0:
-        _fail(f"threshold must be a cosine in [-1, 1], got {threshold}")
+        fail(f"threshold must be a cosine in [-1, 1], got {threshold}")
     norms = P.float().norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        _fail("P has a zero prototype row")
+        fail("P has a zero prototype row")
     basis = (P.float() / norms).T.contiguous()
     return _run_rows(x, basis, None, PROTOTYPES, threshold, strength, inplace)
 
 
 def concept_embeddings(tokenizer, embedding_matrix: torch.Tensor,
-                       keywords: Optional[Sequence[str]] = None) -> torch.Tensor:
+                       keywords: Sequence[str] | None = None) -> torch.Tensor:
     """One row per keyword: the mean input embedding of its tokens (no special tokens). Keywords that the
     tokenizer maps to nothing, or only to unknown tokens, are skipped; an error if none is left."""
     if keywords is None:
@@ -153,5 +151,5 @@ def concept_embeddings(tokenizer, embedding_matrix: torch.Tensor,
         if ids:
             rows.append(embedding_matrix.detach()[torch.tensor(ids, device=embedding_matrix.device)].float().mean(0))
     if not rows:
-        _fail("none of the keywords maps to known tokens of this tokenizer")
+        fail("none of the keywords maps to known tokens of this tokenizer")
     return torch.stack(rows)

@@ -2,9 +2,9 @@
 tokens: batch 32 x 576 tokens x H=4096, rank 16. Time, peak extra memory, and achieved bandwidth."""
 import pytest
 import torch
+from risk_projection_case import CASES, DEVICE, SHAPE, make_inputs
 
 from common import probe_in_subprocess
-from risk_case import CASES, DEVICE, SHAPE, make_inputs
 
 ROUNDS = 3 if DEVICE == "cpu" else 20
 
@@ -21,7 +21,7 @@ def test_risk_projection(benchmark, results, impl, case):
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     moved = 2 * x.numel() * x.element_size()  # one read and one write of every token: the minimum traffic
-    peak = probe_in_subprocess("bench.risk_case", [case, impl])["peak_extra_bytes"]
+    peak = probe_in_subprocess("bench.risk_projection_case", [case, impl])["peak_extra_bytes"]
     results("risk_projection").add(case=f"{case} B={SHAPE[0]} T={SHAPE[1]} H={SHAPE[2]} k={SHAPE[3]}", impl=impl,
                                    shape=dict(zip("BTHk", SHAPE)), device=DEVICE, time_s=benchmark.stats.stats.min,
                                    peak_extra_mb=peak / 2**20, gb_per_s=moved / benchmark.stats.stats.min / 1e9)

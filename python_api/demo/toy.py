@@ -1,6 +1,6 @@
 """Tiny models and tokenizers built locally from transformers configs (no downloads): for tests, the
 demo world and benchmarks of the high-level API."""
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ def word_tokenizer(words: Iterable[str]):
 
 
 def tiny_llava(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4, image_size: int = 16,
-               patch: int = 8, seed: Optional[int] = 0, tie_word_embeddings: bool = False):
+               patch: int = 8, seed: int | None = 0, tie_word_embeddings: bool = False):
     """A LlavaForConditionalGeneration small enough to train on a CPU in seconds."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -48,21 +48,15 @@ def tiny_llava(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4, 
     return LlavaForConditionalGeneration(config).eval()
 
 
-def image_tokens(model) -> int:
-    """How many <image> tokens one image becomes in this model."""
-    vision = model.config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
 def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
               image_loader=None, progress: bool = False):
     """Plain supervised training (response NLL through the fused loss): makes a tiny model know `records`
     (records with images need image_loader, see unlearn_engine.api.data.encode)."""
     from tqdm.auto import tqdm
 
-    import unlearn_engine as ue
-    from unlearn_engine.api.data import encode
+    from unlearn_engine.api.data import encode, image_tokens
     from unlearn_engine.api.trainer import trainer_loss
+    from unlearn_engine.roles import RETAIN
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,7 +68,7 @@ def train_nll(model, tokenizer, records, *, steps: int = 60, lr: float = 3e-3, b
         batch = encode([records[i] for i in idx], tokenizer, image_loader=image_loader,
                        image_tokens=image_tokens(model) if image_loader else 0)
         batch = {k: v.to(device) for k, v in batch.items()}
-        batch["roles"] = torch.full((len(idx),), ue.RETAIN, device=device)  # every sample learned
+        batch["roles"] = torch.full((len(idx),), RETAIN, device=device)  # every sample learned
         loss = trainer_loss(model, batch, retain="nll")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,7 +17,7 @@ def assert_valid_selection(tensors, mask, fraction, scope):
     groups = [list(range(len(tensors)))] if scope == "global" else [[i] for i in range(len(tensors))]
     for group in groups:
         n = sum(tensors[i].numel() for i in group)
-        k = ue.masking.selection_count(fraction, n)
+        k = ue.weight_masking.selection_count(fraction, n)
         chosen = torch.cat([tensors[i].float().abs().reshape(-1)[dense[i].reshape(-1)] for i in group])
         rest = torch.cat([tensors[i].float().abs().reshape(-1)[~dense[i].reshape(-1)] for i in group])
         assert chosen.numel() == k, (chosen.numel(), k)
@@ -66,10 +66,10 @@ def test_topk_heavy_ties_are_deterministic(device, dtype, kind):
 
 
 def test_selection_count_is_robust_to_float_rounding():
-    assert ue.masking.selection_count(0.1, 30) == 3
-    assert ue.masking.selection_count(0.05, 1000003) == 50001
-    assert ue.masking.selection_count(1.0, 7) == 7
-    assert ue.masking.selection_count(1e-9, 7) == 1
+    assert ue.weight_masking.selection_count(0.1, 30) == 3
+    assert ue.weight_masking.selection_count(0.05, 1000003) == 50001
+    assert ue.weight_masking.selection_count(1.0, 7) == 7
+    assert ue.weight_masking.selection_count(1e-9, 7) == 1
 
 
 def test_mask_apply_save_load(tmp_path):

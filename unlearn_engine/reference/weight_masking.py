@@ -1,7 +1,7 @@
 """Eager references for the masking kernels: sort-based top-k, and torch.optim with restore."""
 import torch
 
-from unlearn_engine.masking import selection_count
+from unlearn_engine.weight_masking import selection_count
 
 
 def topk_mask_reference(tensors, fraction, scope="global"):

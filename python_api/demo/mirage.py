@@ -13,12 +13,22 @@ from typing import Dict, List
 
 import torch
 
-import unlearn_engine as ue
-from unlearn_engine.api.data import Record
-from unlearn_engine.api.evaluation import (VLGUARD_REFUSALS, KnowledgeJudge, RefusalJudge, bar_chart, generate,
-                                           markdown_table, one_word_rephrase, write_json)
-from unlearn_engine.api.toy import image_tokens, tiny_llava, train_nll, word_tokenizer
+from unlearn_engine.api.data import Record, image_tokens, write_jsonl
+from unlearn_engine.api.demo.toy import tiny_llava, train_nll, word_tokenizer
+from unlearn_engine.api.evaluation import (
+    VLGUARD_REFUSALS,
+    KnowledgeJudge,
+    RefusalJudge,
+    bar_chart,
+    generate,
+    markdown_table,
+    one_word_rephrase,
+    write_json,
+)
+from unlearn_engine.api.loading import save_vlm
+from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.unlearner import Unlearner
+from unlearn_engine.atomic import write_text
 
 REFUSAL = "i cannot help with that"
 
@@ -158,6 +168,26 @@ class MirageWorld:
         return out, samples
 
 
+def train_base(mw: "MirageWorld", progress: bool = True):
+    """The world's base model: a tiny LLaVA that knows every recipe, by text and by image."""
+    w = mw.world
+    base = tiny_llava(mw.tokenizer, hidden=w.hidden, layers=w.layers, seed=w.seed).float()
+    return train_nll(base, mw.tokenizer, mw.pretraining(), steps=w.base_steps, lr=w.base_lr, batch_size=16,
+                     seed=w.seed, image_loader=mw.load_image, progress=progress)
+
+
+def save_demo_model(path: str, world: World = World(), *, progress: bool = True) -> dict:
+    """A small local model to try every command on: the world's base model + tokenizer in `path`, with
+    forget.jsonl (the harmful recipes) and retain.jsonl (the benign ones) beside its weights."""
+    torch.manual_seed(world.seed)
+    mw = MirageWorld(world)
+    save_vlm(train_base(mw, progress), path, processor=mw.tokenizer)
+    files = {"model": path, "forget": os.path.join(path, "forget.jsonl"), "retain": os.path.join(path, "retain.jsonl")}
+    write_jsonl(mw.forget_set(), files["forget"])
+    write_jsonl(mw.retain_set(), files["retain"])
+    return files
+
+
 def run_mirage(out_dir: str, world: World = World(), *, progress: bool = True, log=print) -> dict:
     """Build the world, train the base model, run every method, evaluate, and write mirage.{json,md,png}."""
     torch.manual_seed(world.seed)
@@ -165,9 +195,7 @@ def run_mirage(out_dir: str, world: World = World(), *, progress: bool = True, l
     mw = MirageWorld(world)
     tok = mw.tokenizer
     log(f"[mirage] world: {len(world.harmful)} harmful + {len(world.benign)} benign topics, vocab {len(tok)}")
-    base = tiny_llava(tok, hidden=world.hidden, layers=world.layers, seed=world.seed).float()
-    train_nll(base, tok, mw.pretraining(), steps=world.base_steps, lr=world.base_lr, batch_size=16, seed=world.seed,
-              image_loader=mw.load_image, progress=progress)
+    base = train_base(mw, progress)
     forget, retain = mw.forget_set(), mw.retain_set()
 
     def unlearned(method, **kw):
@@ -182,7 +210,7 @@ def run_mirage(out_dir: str, world: World = World(), *, progress: bool = True, l
     keywords = list(world.harmful)
 
     def rai_for(model):
-        return ue.RiskAwareness(model, keywords, tokenizer=tok, rank=world.rai_rank,
+        return RiskAwareness(model, keywords, tokenizer=tok, rank=world.rai_rank,
                                 top_fraction=world.rai_top_fraction, strength=world.rai_strength)
 
     methods = {
@@ -210,11 +238,10 @@ def run_mirage(out_dir: str, world: World = World(), *, progress: bool = True, l
               "threads": torch.get_num_threads()}
     write_json(report, os.path.join(out_dir, "mirage.json"))
     table = markdown_table(rows, columns)
-    with open(os.path.join(out_dir, "mirage.md.tmp"), "w") as f:
-        f.write(f"# Safety-mirage world (seed {world.seed})\n\nASR = harmful secret revealed (knowledge judge); "
-                "over-refusal = benign query with the harmful cue refused; utility = benign secret recalled.\n\n"
-                + table + "\n")
-    os.replace(os.path.join(out_dir, "mirage.md.tmp"), os.path.join(out_dir, "mirage.md"))
+    write_text(os.path.join(out_dir, "mirage.md"),
+               f"# Safety-mirage world (seed {world.seed})\n\nASR = harmful secret revealed (knowledge judge); "
+               "over-refusal = benign query with the harmful cue refused; utility = benign secret recalled.\n\n"
+               + table + "\n")
     bar_chart(rows, "method", columns[1:], os.path.join(out_dir, "mirage.png"),
               title=f"safety-mirage world, seed {world.seed}")
     log(table)

@@ -25,14 +25,14 @@ def select_ours(tensors):
 
 def select_kthvalue(tensors):
     flat = torch.cat([t.reshape(-1) for t in tensors]).abs_()
-    k = ue.masking.selection_count(FRACTION, flat.numel())
+    k = ue.weight_masking.selection_count(FRACTION, flat.numel())
     threshold = flat.kthvalue(flat.numel() - k + 1).values
     return [t.abs() >= threshold for t in tensors]
 
 
 def select_topk(tensors):
     flat = torch.cat([t.reshape(-1) for t in tensors]).abs_()
-    k = ue.masking.selection_count(FRACTION, flat.numel())
+    k = ue.weight_masking.selection_count(FRACTION, flat.numel())
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     chosen[flat.topk(k, sorted=False).indices] = True
     return chosen.split([t.numel() for t in tensors])

@@ -13,12 +13,14 @@ Two paths, chosen automatically:
   that autograd hands it. Per-sample outputs are differentiable on this path.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from unlearn_engine._library import ops
+from unlearn_engine.checks import check_tensor, require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
 FORGET_OBJECTIVES = ("ga", "npo")
@@ -143,23 +145,6 @@ torch.library.register_autograd("unlearn_engine::rmu_loss", _rmu_backward, setup
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _require(cond, message):
-    if not cond:
-        raise ValueError(message)
-
-
-def _check_tensor(t, name, *, shape=None, dtype=None, device=None, floating=False):
-    _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None:
-        _require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if dtype is not None:
-        _require(t.dtype == dtype, f"{name} must have dtype {dtype}, got {t.dtype}")
-    if floating:
-        _require(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
-    if device is not None:
-        _require(t.device == device, f"{name} must be on {device} (where hidden is), got {t.device}")
-
-
 def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
     """Rows per chunk: one chunk of logits is ~8M elements on CPU (32 MB fp32: 256 rows at V=32064,
     where the per-chunk dW update stops costing more than the GEMMs save), ~64M on GPU."""
@@ -171,40 +156,41 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -
 
 def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
                            ref_weight, ref_bias, beta, bias, chunk_size):
-    _check_tensor(hidden, "hidden", floating=True)
-    _require(hidden.dim() == 2, f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+    check_tensor(hidden, "hidden", floating=True)
+    require(hidden.dim() == 2, f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     n, h = hidden.shape
     device = hidden.device
-    _check_tensor(weight, "weight", dtype=hidden.dtype, device=device)
-    _require(weight.dim() == 2 and weight.shape[1] == h,
+    check_tensor(weight, "weight", dtype=hidden.dtype, device=device)
+    require(weight.dim() == 2 and weight.shape[1] == h,
              f"weight must have shape (V, H={h}), got {tuple(weight.shape)}")
     v = weight.shape[0]
-    _require(v > 0, "weight must have at least one row (V > 0)")
-    _check_tensor(labels, "labels", shape=(n,), dtype=torch.int64, device=device)
-    _check_tensor(sample_index, "sample_index", shape=(n,), dtype=torch.int64, device=device)
-    _check_tensor(roles, "roles", dtype=torch.int64, device=device)
-    _require(roles.dim() == 1, f"roles must be 1-D (B,), got shape {tuple(roles.shape)}")
+    require(v > 0, "weight must have at least one row (V > 0)")
+    check_tensor(labels, "labels", shape=(n,), dtype=torch.int64, device=device)
+    check_tensor(sample_index, "sample_index", shape=(n,), dtype=torch.int64, device=device)
+    check_tensor(roles, "roles", dtype=torch.int64, device=device)
+    require(roles.dim() == 1, f"roles must be 1-D (B,), got shape {tuple(roles.shape)}")
     if bias is not None:
-        _check_tensor(bias, "bias", shape=(v,), dtype=hidden.dtype, device=device)
-    _require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
-    _require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
-    _require(isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta),
+        check_tensor(bias, "bias", shape=(v,), dtype=hidden.dtype, device=device)
+    require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
+    require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
+    require(isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta),
              f"beta must be a finite number > 0, got {beta!r}")
     if forget == "npo":
-        _require(ref_logp is not None, "forget='npo' needs ref_logp (B,): the reference model's log-likelihoods "
+        require(ref_logp is not None, "forget='npo' needs ref_logp (B,): the reference model's log-likelihoods "
                                        "(see unlearn_engine.reference_logp)")
-        _check_tensor(ref_logp, "ref_logp", shape=(roles.shape[0],), device=device, floating=True)
+        check_tensor(ref_logp, "ref_logp", shape=(roles.shape[0],), device=device, floating=True)
     if retain == "kl":
-        _require(ref_hidden is not None and ref_weight is not None,
+        require(ref_hidden is not None and ref_weight is not None,
                  "retain='kl' needs ref_hidden (N, H) and ref_weight (V, H) from the frozen reference model")
     if ref_hidden is not None or ref_weight is not None:
-        _require(ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight go together")
-        _check_tensor(ref_hidden, "ref_hidden", shape=(n, h), dtype=hidden.dtype, device=device)
-        _check_tensor(ref_weight, "ref_weight", shape=(v, h), dtype=hidden.dtype, device=device)
+        require(ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight go together")
+        check_tensor(ref_hidden, "ref_hidden", shape=(n, h), dtype=hidden.dtype, device=device)
+        check_tensor(ref_weight, "ref_weight", shape=(v, h), dtype=hidden.dtype, device=device)
     if ref_bias is not None:
-        _check_tensor(ref_bias, "ref_bias", shape=(v,), dtype=hidden.dtype, device=device)
+        check_tensor(ref_bias, "ref_bias", shape=(v,), dtype=hidden.dtype, device=device)
     if chunk_size is not None:
-        _require(isinstance(chunk_size, int) and chunk_size > 0, f"chunk_size must be a positive int, got {chunk_size!r}")
+        require(isinstance(chunk_size, int) and chunk_size > 0,
+                f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def _check_index_values(labels, sample_index, roles, vocab_size):
@@ -215,9 +201,9 @@ def _check_index_values(labels, sample_index, roles, vocab_size):
         ((sample_index < 0) | (sample_index >= num_samples)).any(),
         ((roles < FORGET) | (roles > IGNORE)).any(),
     ]).tolist()
-    _require(not bad[0], f"labels must be -100 (ignored) or in [0, V={vocab_size})")
-    _require(not bad[1], f"sample_index values must be in [0, B={num_samples}) where B = len(roles)")
-    _require(not bad[2], f"roles must be FORGET={FORGET}, RETAIN={RETAIN} or IGNORE={IGNORE}")
+    require(not bad[0], f"labels must be -100 (ignored) or in [0, V={vocab_size})")
+    require(not bad[1], f"sample_index values must be in [0, B={num_samples}) where B = len(roles)")
+    require(not bad[2], f"roles must be FORGET={FORGET}, RETAIN={RETAIN} or IGNORE={IGNORE}")
 
 
 def _report_non_finite(named_tensors):
@@ -235,10 +221,12 @@ class UnlearningLossOutput(NamedTuple):
     logp: torch.Tensor        # (B,) sum of labelled-token log-probabilities, fp32
 
 
-def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga", retain="nll", ref_logp=None,
-                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, forget_weight=1.0,
-                    retain_weight=1.0, bias=None, length_normalize=True, chunk_size=None,
-                    validate=True) -> UnlearningLossOutput:
+def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, roles: Tensor, *,
+                    forget: str = "ga", retain: str | None = "nll", ref_logp: Tensor | None = None,
+                    ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
+                    beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0,
+                    bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
+                    validate: bool = True) -> UnlearningLossOutput:
     """Fused per-sample unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
 
     hidden (N, H) are the final hidden states of the N tokens (already shifted so that row t predicts
@@ -262,7 +250,8 @@ def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga",
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     counts = zeros.index_add(0, sample_index, valid.float())
     denom = counts.clamp(min=1) if length_normalize else torch.ones_like(counts)
-    is_forget, is_retain = roles == FORGET, roles == RETAIN
+    # a sample with no labelled token counts as IGNORE: it is left out of its group's mean
+    is_forget, is_retain = (roles == FORGET) & (counts > 0), (roles == RETAIN) & (counts > 0)
     forget_scale = forget_weight / is_forget.sum().clamp(min=1)
     retain_scale = retain_weight / is_retain.sum().clamp(min=1)
 
@@ -307,8 +296,9 @@ def unlearning_loss(hidden, weight, labels, sample_index, roles, *, forget="ga",
     return UnlearningLossOutput(loss, per_sample, logp)
 
 
-def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=None, length_normalize=True,
-                     chunk_size=None, validate=True):
+def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, num_samples: int, *,
+                     bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
+                     validate: bool = True) -> Tensor:
     """Per-sample log-likelihood (B,) through the fused path: sum (or mean, if length_normalize) of
     labelled-token log-probabilities. Differentiable (the recompute path); under torch.no_grad() it is
     the cheap way to get a reference model's ref_logp."""
@@ -326,21 +316,21 @@ def sequence_logprob(hidden, weight, labels, sample_index, num_samples, *, bias=
     return logp / zeros.index_add(0, sample_index, (labels != -100).float()).clamp(min=1)
 
 
-def rmu_loss(forget_act, control, retain_act, retain_ref, alpha=1.0):
+def rmu_loss(forget_act: Tensor, control: Tensor, retain_act: Tensor, retain_ref: Tensor, alpha: float = 1.0) -> Tensor:
     """mean((forget_act - control)^2) + alpha * mean((retain_act - retain_ref)^2), fused, with gradients.
 
     forget_act (Nf, H), control (H,) (the scaled random direction c*u), retain_act (Nr, H) and retain_ref
     (Nr, H) (the frozen model's activations). An empty group contributes 0. Returns an fp32 scalar.
     """
-    _check_tensor(forget_act, "forget_act", floating=True)
-    _require(forget_act.dim() == 2, f"forget_act must be 2-D (Nf, H), got shape {tuple(forget_act.shape)}")
+    check_tensor(forget_act, "forget_act", floating=True)
+    require(forget_act.dim() == 2, f"forget_act must be 2-D (Nf, H), got shape {tuple(forget_act.shape)}")
     h, device, dtype = forget_act.shape[1], forget_act.device, forget_act.dtype
-    _check_tensor(control, "control", shape=(h,), dtype=dtype, device=device)
-    _check_tensor(retain_act, "retain_act", dtype=dtype, device=device)
-    _require(retain_act.dim() == 2 and retain_act.shape[1] == h,
+    check_tensor(control, "control", shape=(h,), dtype=dtype, device=device)
+    check_tensor(retain_act, "retain_act", dtype=dtype, device=device)
+    require(retain_act.dim() == 2 and retain_act.shape[1] == h,
              f"retain_act must have shape (Nr, H={h}), got {tuple(retain_act.shape)}")
-    _check_tensor(retain_ref, "retain_ref", shape=tuple(retain_act.shape), dtype=dtype, device=device)
-    _require(isinstance(alpha, (int, float)) and alpha >= 0, f"alpha must be a number >= 0, got {alpha!r}")
+    check_tensor(retain_ref, "retain_ref", shape=tuple(retain_act.shape), dtype=dtype, device=device)
+    require(isinstance(alpha, (int, float)) and alpha >= 0, f"alpha must be a number >= 0, got {alpha!r}")
     return ops.rmu_loss(forget_act, control, retain_act, retain_ref, float(alpha))
 
 
@@ -351,15 +341,16 @@ class UnlearningLoss(torch.nn.Module):
     forward returns the scalar loss; `last` holds the detached (per_sample, logp) of the latest call.
     """
 
-    def __init__(self, forget="ga", retain="nll", *, beta=0.1, forget_weight=1.0, retain_weight=1.0,
-                 length_normalize=True, chunk_size=None, validate=True):
+    def __init__(self, forget: str = "ga", retain: str | None = "nll", *, beta: float = 0.1,
+                 forget_weight: float = 1.0, retain_weight: float = 1.0, length_normalize: bool = True,
+                 chunk_size: int | None = None, validate: bool = True) -> None:
         super().__init__()
-        _require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
-        _require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
+        require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
+        require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
         self.options = dict(forget=forget, retain=retain, beta=beta, forget_weight=forget_weight,
                             retain_weight=retain_weight, length_normalize=length_normalize,
                             chunk_size=chunk_size, validate=validate)
-        self.last: Optional[UnlearningLossOutput] = None
+        self.last: UnlearningLossOutput | None = None
 
     def forward(self, hidden, weight, labels, sample_index, roles, *, bias=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None):
@@ -372,7 +363,8 @@ class UnlearningLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-def causal_lm_hidden(model, input_ids, labels, **model_inputs):
+def causal_lm_hidden(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
+                     **model_inputs) -> tuple[Tensor, Tensor, Tensor]:
     """Final hidden states of a Hugging Face causal LM or VLM, shifted for next-token prediction.
 
     Runs the model's base (no LM head, so no N x V logits) and returns (hidden (N, H), labels (N,),
@@ -388,7 +380,8 @@ def causal_lm_hidden(model, input_ids, labels, **model_inputs):
 
 
 @torch.no_grad()
-def reference_logp(model, input_ids, labels, *, length_normalize=True, chunk_size=None, **model_inputs):
+def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, length_normalize: bool = True,
+                   chunk_size: int | None = None, **model_inputs) -> Tensor:
     """Per-sample log-likelihood (B,) of `labels` under a frozen reference model, through the fused path.
 
     This is the ref_logp that forget='npo' expects (pass the same length_normalize)."""

@@ -48,7 +48,7 @@ def unlearning_loss_reference(hidden, weight, labels, sample_index, roles, *, fo
     else:
         retain_term = torch.zeros_like(mean_logp)
 
-    is_forget, is_retain = roles == FORGET, roles == RETAIN
+    is_forget, is_retain = (roles == FORGET) & (counts > 0), (roles == RETAIN) & (counts > 0)  # empty: IGNORE
     per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
     per_sample = torch.where(counts > 0, per_sample, zeros)
     loss = (forget_weight * (per_sample * is_forget).sum() / is_forget.sum().clamp(min=1)

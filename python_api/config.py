@@ -1,0 +1,103 @@
+"""The one source of the unlearning run's settings: the Python API takes UnlearnConfig, and the command
+line's `unlearn` flags are generated from its fields (names, types, defaults, help), so they cannot drift.
+
+A run can also come from a file: `unlearn-engine unlearn --config run.toml` (or .json) with the same keys;
+flags given on the command line win over the file.
+"""
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from unlearn_engine.api.methods import METHODS, get_method
+
+SCOPES = ("full", "lora", "mask")
+PARALLEL = ("ddp", "fsdp")
+
+
+def setting(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = setting("npo", "unlearning method (registered in unlearn_engine.api.methods)", lambda: tuple(METHODS))
+    steps: int = setting(100, "optimizer steps")
+    lr: float = setting(1e-5, "learning rate")
+    batch_size: int = setting(4, "forget samples per step (and as many retain samples)")
+    beta: float = setting(0.1, "NPO temperature")
+    forget_weight: float = setting(1.0, "weight of the forget term")
+    retain_weight: float = setting(1.0, "weight of the retain term")
+    scope: str = setting("full", "what is trained: 'full' (the weights the method trains), 'lora' (LoRA adapters "
+                                 "on the language model, merged back at the end), 'mask' (saliency top fraction)",
+                         SCOPES)
+    mask_fraction: float = setting(0.05, "scope 'mask': fraction of the weights trained")
+    lora_rank: int = setting(8, "scope 'lora': adapter rank")
+    rmu_layer: int = setting(1, "RMU: steer this decoder layer's output; train down_proj of the 3 layers up to it")
+    rmu_coeff: float = setting(20.0, "RMU: norm of the control vector")
+    rmu_alpha: float = setting(10.0, "RMU: weight of the retain term")
+    nll_bound: float = setting(15.0, "divergence guard: stop ascending a forget sample once its NLL passes this")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
+    seed: int = setting(0, "seed of batches, control vectors and mismatches")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: none)")
+    max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
+
+    def validate(self) -> "UnlearnConfig":
+        method = get_method(self.method)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.type in (int, float) and not numeric:
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
+        for name in ("steps", "batch_size", "lora_rank", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "beta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("forget_weight", "retain_weight", "rmu_alpha", "weight_decay", "nll_bound", "checkpoint_every",
+                     "rmu_layer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.mask_fraction <= 1:
+            raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+        method.check(self)
+        return self
+
+
+def choices_of(f: dataclasses.Field):
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """Settings from a .json or .toml file (a flat table of keys)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            raise ValueError(f"--config {path}: expected a .json or .toml file")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    except ValueError as err:  # tomllib.TOMLDecodeError is a ValueError
+        raise ValueError(f"--config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table of settings, got {type(data).__name__}")
+    return data
