@@ -10,13 +10,35 @@ import subprocess
 import tomllib
 
 import torch
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+# The fused loss accumulates bf16/fp16 GEMMs into fp32 with at::addmm_out(..., out_dtype), an overload torch added
+# in 2.8 (pyproject.toml's torch>=2.8). Say so here, before a compiler prints a page of overload errors.
+TORCH_MIN = (2, 8)
+
+
+def torch_version_tuple(version: str) -> tuple:
+    """(major, minor) of a torch version string: '2.10.0+cu130' -> (2, 10), '2.8.0a0+git1234' -> (2, 8)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise RuntimeError(f"cannot read the torch version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+if torch_version_tuple(torch.__version__) < TORCH_MIN:
+    raise SystemExit(f"unlearn_engine needs torch>={TORCH_MIN[0]}.{TORCH_MIN[1]} (at::addmm_out with out_dtype, "
+                     f"used by csrc/unlearning_loss/fused_logprob.cpp); this environment has torch "
+                     f"{torch.__version__}. Install a newer torch first, then build again.")
+
+from setuptools import setup  # noqa: E402  (after the torch check: cpp_extension needs a supported torch)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")  # kernels include the shared headers as "common/..."
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
     VERSION = tomllib.load(_f)["project"]["version"]
+
+
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # when building without a GPU to ask (CI); with one, cpp_extension targets it
 
 
 def find_cuda_home():
@@ -61,7 +83,8 @@ def extension():
     import torch.utils.cpp_extension as cpp_ext
     cpp_ext.CUDA_HOME = cuda_home  # read at import time; keep it in step with what we resolved
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        # A100 and H100 machine code, plus compute_90 PTX that the driver compiles for newer GPUs (sm_100, sm_120)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
     defines = ["-DWITH_CUDA", f'-DUE_CUDA_ARCH_LIST="{arch}"']
     nvcc = ["-O3", "-lineinfo"] + defines

@@ -38,10 +38,10 @@ TORCH_LIBRARY(unlearn_engine, m) {
   m.def("topk_mask(Tensor[] tensors, int[] k, bool per_tensor) -> Tensor[]");
   m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor[] indices, bool compact_state, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "int step) -> ()");
+        "int step, bool validate=True) -> ()");
   m.def("masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] indices, "
         "bool compact_state, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-        "bool first_step) -> ()");
+        "bool first_step, bool validate=True) -> ()");
 }
 
 namespace {

@@ -179,3 +179,62 @@ def test_opcheck():
     torch.library.opcheck(ue.ops.risk_project_rows, (x, U, None, 0, 0.1, 1.5))
     torch.library.opcheck(ue.ops.risk_project_rows, (x, U, torch.rand(7) > 0.5, 0, 0.0, 1.0))
     torch.library.opcheck(ue.ops.risk_project_rows_, (x.clone(), U, None, 1, 0.1, 1.0))
+
+
+# ----------------------------------------------------------------------------- paths no other test reaches
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_strided_select_changes_the_selected_rows(device, inplace):
+    """`select` given as a strided view (sel[:, 0]): the kernels used to read it as contiguous, so selecting rows
+    {0, 2} changed rows {0, 4}. Exactly the selected rows change, by the reference's update."""
+    U = _basis(32, 4, device)
+    x = _x((6, 32), device, torch.float32)
+    both = torch.zeros(6, 2, dtype=torch.bool, device=device)
+    both[0, 0] = both[2, 0] = True  # column 0 selects rows {0, 2}; read as flat memory it would select {0, 4}
+    both[:, 1] = True
+    select = both[:, 0]
+    assert not select.is_contiguous()
+    want = torch.where(select.unsqueeze(1), x + 1.5 * (x @ U) @ U.T, x)
+    if inplace:
+        got = x.clone()
+        ue.ops.risk_project_rows_(got, U, select, 0, 0.0, 1.5)
+    else:
+        got, _ = ue.ops.risk_project_rows(x, U, select, 0, 0.0, 1.5)
+    changed = (got != x).any(1)
+    assert changed.nonzero().flatten().tolist() == [0, 2]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [17, 32, 33])
+def test_rank_in_the_32_bucket_and_beyond(device, k):
+    """Ranks 17..32 run the JMAX=32 kernel (and 33 the 64 one): threshold and prototype modes."""
+    U = _basis(96, k, device)
+    x = _x((2, 23, 96), device, torch.float32, plant=U)
+    want, want_scores = risk_project_reference(x, U, threshold=0.5, strength=1.5)
+    assert 1 <= int((want_scores >= 0.5).sum()) < want_scores.numel()
+    got, scores = ue.risk_project(x, U, threshold=0.5, strength=1.5)
+    _close(scores, want_scores, torch.float32)
+    _close(got, want, torch.float32)
+    P = torch.randn(k, 96, device=device)
+    want, want_best = risk_prototypes_reference(x, P, threshold=0.05, strength=0.7)
+    got, best = ue.risk_prototypes(x, P, threshold=0.05, strength=0.7)
+    _close(best, want_best, torch.float32)
+    _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_zero_rows(device, shape):
+    """No rows at all: empty outputs of the right shapes, in every mode (no launch with an empty grid)."""
+    U = _basis(16, 3, device)
+    x = torch.randn(*shape, device=device)
+    got, scores = ue.risk_project(x, U, threshold=0.1)
+    assert got.shape == x.shape and scores.shape == x.shape[:-1]
+    got, _ = ue.risk_project(x, U, threshold=0.1, inplace=True)
+    assert got.shape == x.shape
+    got, best = ue.risk_prototypes(x, torch.randn(4, 16, device=device), threshold=0.1)
+    assert got.shape == x.shape and best.shape == x.shape[:-1]
+    if x.dim() == 3:
+        got, scores = ue.risk_project(x, U, top_fraction=0.5)
+        assert got.shape == x.shape and scores.shape == x.shape[:-1]

@@ -46,3 +46,16 @@ def test_rmu_bad_input(args, match):
 def test_rmu_negative_alpha():
     with pytest.raises(ValueError, match="alpha must be a number >= 0"):
         ue.rmu_loss(torch.randn(2, 3), torch.randn(3), torch.randn(2, 3), torch.randn(2, 3), alpha=-1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rmu_beyond_one_grid_sweep(device):
+    """More elements than one sweep of the CUDA grid covers (1024 blocks x 256 threads = 262144): the grid-stride
+    loops take several turns, and the fixed grid's per-block partials still sum to the reference."""
+    inputs = _inputs(device, torch.float32, nf=300, nr=290, h=1001)
+    assert inputs[0].numel() > 1024 * 256 and inputs[2].numel() > 1024 * 256
+    loss, grads = _loss_and_grads(ue.rmu_loss, inputs, 0.6)
+    ref_loss, ref_grads = _loss_and_grads(rmu_loss_reference, inputs, 0.6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -216,3 +216,135 @@ def test_topk_heavy_ties_beyond_the_fast_path_budget(device, scope):
         mask = ue.topk_mask(tensors, fraction, scope=scope)
         for i, want in enumerate(topk_mask_reference(tensors, fraction, scope)):
             assert torch.equal(mask.dense(i), want), (fraction, i)
+
+
+# ----------------------------------------------------------------------------- paths no other test reaches
+def _raw_adamw(params, indices, **kw):
+    grads = [torch.ones_like(p) for p in params]
+    state = [torch.zeros_like(p) for p in params]
+    ue.ops.masked_adamw_(params, grads, state, [s.clone() for s in state], indices, False, 0.1, 0.9, 0.999, 1e-8,
+                         0.0, 1, **kw)
+
+
+def _raw_sgd(params, indices, **kw):
+    ue.ops.masked_sgd_(params, [torch.ones_like(p) for p in params], [], indices, False, 0.1, 0.0, 0.0, 0.0, False,
+                       True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [_raw_adamw, _raw_sgd])
+@pytest.mark.parametrize("bad,match", [
+    ([0, 5, 10], r"mask indices\[1\] must lie in \[0, 10\) \(the elements of params\[1\]\), got values from 0 to 10"),
+    ([-1, 3], r"mask indices\[1\] must lie in \[0, 10\).*from -1 to 3"),
+    ([2, 4, 4, 7], r"mask indices\[1\] holds index 4 twice \(positions 1 and 2\)"),
+    ([2, 7, 4], r"mask indices\[1\] must be strictly increasing, got 7 at position 1 then 4"),
+])
+def test_raw_masked_ops_validate_indices(device, step, bad, match):
+    """The raw ops check their index lists (range; sorted and without duplicates, which on CUDA would race on one
+    element) before touching anything; the MaskedOptimizer path skips the check (its indices are valid by
+    construction) and stays sync-free."""
+    params = [torch.zeros(6, device=device), torch.zeros(10, device=device)]
+    good = torch.tensor([1, 3], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=match):
+        step(params, [good, torch.tensor(bad, dtype=torch.int32, device=device)])
+    assert all(not p.any() for p in params)  # refused before any write
+    step(params, [good, torch.tensor([0, 9], dtype=torch.int32, device=device)])  # valid lists pass
+    assert params[1][0] != 0 and params[1][9] != 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
+def test_masked_step_over_65536_indices_in_one_tensor(device, algorithm):
+    """More selected elements in one tensor than one work item holds (65536): several blocks per tensor, the
+    later items starting mid-list. Equal to torch.optim with restore on every element."""
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(150_001, generator=g).to(device), torch.randn(5, generator=g).to(device)]
+    mask = ue.topk_mask([torch.randn(p.shape, generator=g).to(device) for p in params], 0.5, scope="per_tensor")
+    assert mask.count(0) > 65536
+    dense = [mask.dense(i) for i in range(2)]
+    kw = dict(lr=0.01, weight_decay=0.1) if algorithm == "adamw" else dict(lr=0.05, momentum=0.9, weight_decay=0.0)
+    ref = [p.clone().requires_grad_() for p in params]
+    ours = [p.clone() for p in params]
+    make = torch.optim.AdamW if algorithm == "adamw" else torch.optim.SGD
+    torch_opt = make(ref, foreach=False, **kw)
+    opt = ue.MaskedOptimizer(ours, mask, algorithm=algorithm, compact_state=True, **kw)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=g).to(device) for p in params]
+        for r, o, gr in zip(ref, ours, grads):
+            r.grad, o.grad = gr.clone(), gr.clone()
+        opt.step()
+        masked_step_reference(torch_opt, ref, dense)
+        for r, o in zip(ref, ours):
+            torch.testing.assert_close(o, r.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
+def test_low_precision_masked_step_vs_torch_optim(device, dtype, algorithm):
+    """bf16 / fp16 parameters and state: the kernel does the step in fp32 and rounds once, so it is at least as
+    close to torch.optim run in fp32 (on the same values) as torch.optim run in the low dtype is; unselected
+    elements stay bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    params = [torch.randn(257, 33, generator=g).to(device, dtype), torch.randn(1000, generator=g).to(device, dtype)]
+    mask = ue.topk_mask([torch.randn(p.shape, generator=g).to(device) for p in params], 0.3)
+    dense = [mask.dense(i) for i in range(2)]
+    kw = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1) if algorithm == "adamw" else dict(
+        lr=0.05, momentum=0.9, weight_decay=0.01)
+    make = torch.optim.AdamW if algorithm == "adamw" else torch.optim.SGD
+    ours = [p.clone() for p in params]
+    low = [p.clone().requires_grad_() for p in params]
+    exact = [p.float().requires_grad_() for p in params]
+    opt = ue.MaskedOptimizer(ours, mask, algorithm=algorithm, **kw)
+    opt_low, opt_exact = make(low, foreach=False, **kw), make(exact, foreach=False, **kw)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g).to(device, dtype) for p in params]
+        before = [o.clone() for o in ours]
+        for o, lo, ex, gr in zip(ours, low, exact, grads):
+            o.grad, lo.grad, ex.grad = gr.clone(), gr.clone(), gr.float()
+        opt.step()
+        masked_step_reference(opt_low, low, dense)
+        masked_step_reference(opt_exact, exact, dense)
+        for o, b, m in zip(ours, before, dense):
+            assert torch.equal(o[~m], b[~m])
+    for o, lo, ex, m in zip(ours, low, exact, dense):
+        err_ours = _rel_err(o[m], ex.detach()[m])
+        err_torch = _rel_err(lo.detach()[m], ex.detach()[m])
+        assert err_ours <= err_torch * 1.05 + 1e-6, (err_ours, err_torch)
+        assert err_ours <= torch.finfo(dtype).eps, err_ours
+
+
+def _rel_err(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_empty_tensors_and_zero_k_segments(device):
+    """Empty tensors in the list and segments with k = 0 (per-tensor scope of an empty tensor, or k = 0 asked of
+    the raw op): no bit set there, the others exact."""
+    tensors = [torch.randn(0, device=device), torch.randn(37, device=device), torch.randn(3, 0, device=device),
+               torch.randn(70_000, device=device)]
+    for scope in ("global", "per_tensor"):
+        mask = ue.topk_mask(tensors, 0.3, scope=scope)
+        assert mask.bits[0].numel() == 0 and mask.bits[2].numel() == 0
+        for i, want in enumerate(topk_mask_reference(tensors, 0.3, scope)):
+            assert torch.equal(mask.dense(i), want), (scope, i)
+    flat = [t.reshape(-1) for t in tensors]
+    bits = ue.ops.topk_mask(flat, [0, 0, 0, 5], True)
+    assert [int(b.count_nonzero()) for b in bits[:3]] == [0, 0, 0]
+    got = ue.Mask(bits, [t.shape for t in flat]).dense(3)
+    assert torch.equal(got, topk_mask_reference([flat[3]], 5 / 70_000)[0])
+    bits = ue.ops.topk_mask(flat, [0], False)  # global k = 0
+    assert all(int(b.count_nonzero()) == 0 for b in bits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_nan_is_refused_on_every_device(device, dtype):
+    """A NaN anywhere (here in the second tensor, past one work item) is reported by the histogram pass, on the
+    CUDA radix path as on the CPU's."""
+    tensors = [torch.randn(100, device=device).to(dtype), torch.randn(70_000, device=device).to(dtype)]
+    tensors[1][69_999] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN value"):
+        ue.topk_mask(tensors, 0.1)

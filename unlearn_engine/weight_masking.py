@@ -27,13 +27,13 @@ def _topk_mask_fake(tensors, k, per_tensor):
 
 @torch.library.register_fake("unlearn_engine::masked_adamw_")
 def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, indices, compact_state, lr, beta1, beta2, eps,
-                       weight_decay, step):
+                       weight_decay, step, validate=True):
     return None
 
 
 @torch.library.register_fake("unlearn_engine::masked_sgd_")
 def _masked_sgd_fake(params, grads, momentum_buffers, indices, compact_state, lr, momentum, dampening,
-                     weight_decay, nesterov, first_step):
+                     weight_decay, nesterov, first_step, validate=True):
     return None
 
 
@@ -188,7 +188,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               f"weight_decay={weight_decay}, betas={betas}")
     ops.masked_adamw_(params, list(grads), list(exp_avgs), list(exp_avg_sqs),
                       [mask.indices(i) for i in range(len(params))], compact_state, float(lr), float(betas[0]),
-                      float(betas[1]), float(eps), float(weight_decay), int(step))
+                      float(betas[1]), float(eps), float(weight_decay), int(step),
+                      False)  # Mask.indices are in range, ascending and unique by construction: no device sync
 
 
 def masked_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -204,7 +205,7 @@ def masked_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     buffers = list(momentum_buffers) if momentum_buffers is not None else []
     ops.masked_sgd_(params, list(grads), buffers, [mask.indices(i) for i in range(len(params))], compact_state,
                     float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-                    bool(first_step))
+                    bool(first_step), False)  # Mask.indices are valid by construction (see masked_adamw_)
 
 
 class MaskedOptimizer(torch.optim.Optimizer):

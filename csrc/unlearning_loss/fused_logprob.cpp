@@ -7,11 +7,18 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <optional>
 #include <tuple>
 
 #include "row_pass.h"
+
+// at::addmm_out(out, self, mat1, mat2, out_dtype) (fp32 accumulation of bf16/fp16 GEMMs) exists from torch 2.8 on;
+// setup.py refuses an older torch with the same message before any compiler runs.
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 8)
+#error "unlearn_engine needs torch>=2.8: csrc/unlearning_loss/fused_logprob.cpp uses at::addmm_out(..., out_dtype)"
+#endif
 
 namespace unlearn_engine {
 namespace {
@@ -88,14 +95,32 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
   const OptTensor ref_weight = with_ref ? OptTensor(ref_weight_in->contiguous()) : std::nullopt;
   const OptTensor ref_bias = ref_bias_in ? OptTensor(ref_bias_in->contiguous()) : std::nullopt;
   const auto f32 = hidden.options().dtype(at::kFloat);
+  const auto dtype = hidden.scalar_type();
+  const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
+  // W and bias gradients accumulate in fp32 (fp64 for fp64 inputs) across chunks.
+  const at::ScalarType acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = hidden.options().dtype(acc_type);
 
   Outputs out;
   out.logp = at::zeros({N}, f32);
   out.kl = with_ref ? at::zeros({N}, f32) : at::empty({0}, f32);
+  // Low precision: the logit gradient is stored in the logits' dtype. Its entries are coefficient x probability,
+  // and per-token coefficients are ~1/(samples x tokens), so in fp16 most entries would flush to zero. The row
+  // pass gets coefficients normalised to max |coef| = 1 (a device scalar: no host sync), and the scale is
+  // applied once to the accumulated gradients.
+  at::Tensor grad_scale;
+  OptTensor coef_a = coef_logp, coef_k = coef_kl;
   if (want_grad) {
     out.grad_hidden = at::zeros_like(hidden);
-    out.grad_weight = at::zeros({V, hidden.size(1)}, f32);
-    out.grad_bias = bias ? at::zeros({V}, f32) : at::empty({0}, f32);
+    out.grad_weight = at::zeros({V, hidden.size(1)}, acc);
+    out.grad_bias = bias ? at::zeros({V}, acc) : at::empty({0}, f32);
+    if (low_precision && N > 0) {
+      grad_scale = coef_logp->abs().max();
+      if (coef_kl) grad_scale = at::maximum(grad_scale, coef_kl->abs().max());
+      grad_scale = at::where(grad_scale > 0, grad_scale, at::ones_like(grad_scale));
+      coef_a = *coef_logp / grad_scale;
+      if (coef_kl) coef_k = *coef_kl / grad_scale;
+    }
   }
 
   // Only labelled tokens are computed: prompts and padding (label -100) cost nothing.
@@ -103,7 +128,8 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
   const at::Tensor rows = labelled.nonzero().squeeze(1);
   const int64_t n_rows = rows.size(0);
   const bool all_rows = n_rows == N;
-  const bool cuda_accumulate = hidden.is_cuda() && hidden.scalar_type() != at::kFloat;
+  // cuBLAS accumulates a bf16/fp16 GEMM straight into the fp32 gradient; elsewhere the operands are widened.
+  bool cuda_accumulate = hidden.is_cuda() && low_precision;
 
   for (int64_t start = 0; start < n_rows; start += chunk_size) {
     const int64_t count = std::min(chunk_size, n_rows - start);
@@ -115,8 +141,8 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
     pass.logits = chunk_logits(h, weight, bias).contiguous();
     if (with_ref) pass.ref_logits = chunk_logits(take(*ref_hidden), *ref_weight, ref_bias).contiguous();
     pass.labels = take(labels).contiguous();
-    if (want_grad) pass.coef_logp = take(*coef_logp).contiguous();
-    if (coef_kl) pass.coef_kl = take(*coef_kl).contiguous();
+    if (want_grad) pass.coef_logp = take(*coef_a).contiguous();
+    if (coef_k) pass.coef_kl = take(*coef_k).contiguous();
     pass.logp = at::empty({count}, f32);
     if (with_ref) pass.kl = at::empty({count}, f32);
 
@@ -129,18 +155,28 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
     if (with_ref) out.kl.index_copy_(0, idx, pass.kl);
     if (!want_grad) continue;
 
-    const at::Tensor& dz = pass.logits;  // now holds dL/dlogits for the chunk
+    const at::Tensor& dz = pass.logits;  // now holds dL/dlogits for the chunk (divided by grad_scale)
     out.grad_hidden.index_copy_(0, idx, at::mm(dz, weight));
     if (cuda_accumulate) {
-      at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
-    } else if (hidden.scalar_type() == at::kFloat) {
+      try {
+        at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
+      } catch (const c10::Error&) {
+        cuda_accumulate = false;  // some 2.8/2.9 builds refuse an fp32 out for bf16 operands: widen instead
+        out.grad_weight.addmm_(dz.t().to(at::kFloat), h.to(at::kFloat));
+      }
+    } else if (dtype == acc_type) {
       out.grad_weight.addmm_(dz.t(), h);
     } else {
-      out.grad_weight.addmm_(dz.t().to(at::kFloat), h.to(at::kFloat));
+      out.grad_weight.addmm_(dz.t().to(acc_type), h.to(acc_type));
     }
-    if (bias) out.grad_bias.add_(dz.sum({0}, /*keepdim=*/false, at::kFloat));
+    if (bias) out.grad_bias.add_(dz.sum({0}, /*keepdim=*/false, out.grad_bias.scalar_type()));
   }
   if (want_grad) {
+    if (grad_scale.defined()) {
+      out.grad_hidden.mul_(grad_scale);  // opmath fp32, rounded once to the model dtype
+      out.grad_weight.mul_(grad_scale);
+      if (bias) out.grad_bias.mul_(grad_scale);
+    }
     out.grad_weight = out.grad_weight.to(weight.scalar_type());
     if (bias) out.grad_bias = out.grad_bias.to(bias->scalar_type());
   }

@@ -98,6 +98,41 @@ inline std::vector<int64_t> check_masked_lists(at::TensorList params, at::Tensor
   return counts;
 }
 
+// The raw ops' data checks (validate=True), with one device-to-host copy for all tensors: every index lies in
+// [0, numel) of its parameter, and each list is strictly increasing. Sorted and duplicate-free is what Mask.indices
+// gives; a duplicate would update one element twice (on CUDA, two threads racing on it).
+inline void check_index_values(at::TensorList params, at::TensorList indices) {
+  std::vector<at::Tensor> stats;
+  const auto opts = indices[0].options().dtype(at::kLong);
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const auto& idx = indices[i];
+    if (idx.numel() == 0) {
+      stats.push_back(at::zeros({3}, opts));
+      continue;
+    }
+    const at::Tensor out_of_order = idx.numel() > 1 ? (idx.slice(0, 1) <= idx.slice(0, 0, -1)).sum().to(at::kLong)
+                                                    : at::zeros({}, opts);
+    stats.push_back(at::stack({idx.min().to(at::kLong), idx.max().to(at::kLong), out_of_order}));
+  }
+  const at::Tensor host = at::stack(stats).cpu();
+  const auto s = host.accessor<int64_t, 2>();
+  for (size_t i = 0; i < indices.size(); ++i) {
+    if (indices[i].numel() == 0) continue;
+    const int64_t numel = params[i].numel();
+    TORCH_CHECK(s[i][0] >= 0 && s[i][1] < numel, "mask indices[", i, "] must lie in [0, ", numel,
+                ") (the elements of params[", i, "]), got values from ", s[i][0], " to ", s[i][1]);
+    if (s[i][2] == 0) continue;
+    const at::Tensor idx = indices[i].cpu();
+    const int32_t* v = idx.data_ptr<int32_t>();
+    int64_t j = 0;
+    while (v[j + 1] > v[j]) ++j;
+    TORCH_CHECK(v[j + 1] != v[j], "mask indices[", i, "] holds index ", v[j], " twice (positions ", j, " and ", j + 1,
+                "): each element may be selected once");
+    TORCH_CHECK(false, "mask indices[", i, "] must be strictly increasing, got ", v[j], " at position ", j, " then ",
+                v[j + 1]);
+  }
+}
+
 // The SGD kernels' common preamble: checks (momentum buffers only when momentum != 0) and hyper-parameters.
 inline std::vector<int64_t> check_sgd_lists(at::TensorList params, at::TensorList grads,
                                             at::TensorList momentum_buffers, at::TensorList indices,

@@ -42,7 +42,9 @@ def unlearning_loss_reference(hidden, weight, labels, sample_index, roles, *, fo
         retain_term = -mean_logp
     elif retain == "kl":
         _, ref_log_probs, _ = _token_log_probs(ref_hidden, ref_weight, ref_bias, labels, upcast_inputs)
-        token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+        ref_probs = ref_log_probs.exp()
+        # a token the reference bans (logit -inf, probability 0) carries no KL mass: 0, not 0 * (-inf - z) = NaN
+        token_kl = torch.where(ref_probs > 0, ref_probs * (ref_log_probs - log_probs), 0.0).sum(-1)
         token_kl = torch.where(valid, token_kl, torch.zeros_like(token_kl))
         retain_term = zeros.index_add(0, sample_index, token_kl) / denom
     else:

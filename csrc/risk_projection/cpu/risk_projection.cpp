@@ -9,6 +9,11 @@
 namespace unlearn_engine {
 namespace {
 
+// The kernels index select[i] as a flat array: a strided view (sel[:, 0]) must be made contiguous first.
+c10::optional<at::Tensor> contiguous_select(const c10::optional<at::Tensor>& select) {
+  return select ? c10::optional<at::Tensor>(select->contiguous()) : c10::nullopt;
+}
+
 template <typename T>
 void project_rows(const at::Tensor& x, T* out, const at::Tensor& basis, const c10::optional<at::Tensor>& select,
                   int64_t mode, float threshold, float strength, bool apply, float* scores) {
@@ -16,7 +21,7 @@ void project_rows(const at::Tensor& x, T* out, const at::Tensor& basis, const c1
   const int J = static_cast<int>(basis.size(1));
   const T* in = x.data_ptr<T>();
   const float* A = basis.data_ptr<float>();
-  const bool* sel = select ? select->data_ptr<bool>() : nullptr;
+  const bool* sel = select ? select->data_ptr<bool>() : nullptr;  // contiguous: see contiguous_select
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
     float c[kMaxBasis], w[kMaxBasis];
     for (int64_t i = begin; i < end; ++i) {
@@ -61,10 +66,11 @@ std::tuple<at::Tensor, at::Tensor> risk_project_rows_cpu(const at::Tensor& x_in,
                                                          double threshold, double strength) {
   check_risk_args(x_in, basis_in, select);
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
+  const auto sel = contiguous_select(select);
   auto out = at::empty_like(x);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_cpu", [&] {
-    project_rows<scalar_t>(x, out.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, true,
+    project_rows<scalar_t>(x, out.data_ptr<scalar_t>(), basis, sel, mode, threshold, strength, true,
                            scores.data_ptr<float>());
   });
   return {out, scores};
@@ -76,9 +82,10 @@ at::Tensor risk_project_rows_inplace_cpu(at::Tensor& x, const at::Tensor& basis_
   check_risk_args(x, basis_in, select);
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous for the in-place risk projection");
   const auto basis = basis_in.contiguous();
+  const auto sel = contiguous_select(select);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_inplace_cpu", [&] {
-    project_rows<scalar_t>(x, x.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, true,
+    project_rows<scalar_t>(x, x.data_ptr<scalar_t>(), basis, sel, mode, threshold, strength, true,
                            scores.data_ptr<float>());
   });
   return scores;

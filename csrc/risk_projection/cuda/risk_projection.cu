@@ -13,11 +13,18 @@
 namespace unlearn_engine {
 namespace {
 
+// The kernel indexes select[i] as a flat array: a strided view (sel[:, 0]) must be made contiguous first.
+c10::optional<at::Tensor> contiguous_select(const c10::optional<at::Tensor>& select) {
+  return select ? c10::optional<at::Tensor>(select->contiguous()) : c10::nullopt;
+}
+
+// `in` and `out` are the same buffer for the in-place op, so neither is __restrict__.
 template <typename T, int JMAX>
-__global__ void risk_rows_kernel(const T* __restrict__ in, T* __restrict__ out, const float* __restrict__ A,
-                                 int64_t H, int J, const bool* __restrict__ select, int64_t mode, float threshold,
-                                 float strength, float* __restrict__ scores) {
+__global__ void __launch_bounds__(kThreads)
+risk_rows_kernel(const T* in, T* out, const float* __restrict__ A, int64_t H, int J, const bool* __restrict__ select,
+                 int64_t mode, float threshold, float strength, float* __restrict__ scores) {
   __shared__ float partial[kThreads / 32][JMAX + 1];
+  __shared__ float coef[JMAX + 1];  // the row's coefficients c_j, then its squared norm
   __shared__ float w[JMAX];
   __shared__ int changed;
   const int64_t i = blockIdx.x;
@@ -41,18 +48,17 @@ __global__ void risk_rows_kernel(const T* __restrict__ in, T* __restrict__ out, 
     if (lane == 0) partial[warp][j] = v;
   }
   __syncthreads();
+  for (int j = threadIdx.x; j <= JMAX; j += blockDim.x) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kThreads / 32; ++k) s += partial[k][j];
+    coef[j] = s;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    float c[JMAX + 1];
-    for (int j = 0; j <= JMAX; ++j) {
-      float s = 0.f;
-      for (int k = 0; k < kThreads / 32; ++k) s += partial[k][j];
-      c[j] = s;
-    }
-    float weights[JMAX];
-    const bool on = risk_weights(c, J, c[JMAX], mode, threshold, strength, select ? int(select[i]) : -1,
-                                 &scores[i], weights);
-    for (int j = 0; j < J; ++j) w[j] = weights[j];
-    changed = on;
+    // reads coef and writes w in shared memory: no per-thread arrays indexed at run time (no stack frame)
+    changed = risk_weights(coef, J, coef[JMAX], mode, threshold, strength, select ? int(select[i]) : -1,
+                           &scores[i], w);
   }
   __syncthreads();
   if (!out) return;
@@ -108,10 +114,11 @@ std::tuple<at::Tensor, at::Tensor> risk_project_rows_cuda(const at::Tensor& x_in
   check_risk_args(x_in, basis_in, select);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
+  const auto sel = contiguous_select(select);
   auto out = at::empty_like(x);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_cuda", [&] {
-    launch<scalar_t>(x, out.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, scores.data_ptr<float>());
+    launch<scalar_t>(x, out.data_ptr<scalar_t>(), basis, sel, mode, threshold, strength, scores.data_ptr<float>());
   });
   return {out, scores};
 }
@@ -123,9 +130,10 @@ at::Tensor risk_project_rows_inplace_cuda(at::Tensor& x, const at::Tensor& basis
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous for the in-place risk projection");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto basis = basis_in.contiguous();
+  const auto sel = contiguous_select(select);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_inplace_cuda", [&] {
-    launch<scalar_t>(x, x.data_ptr<scalar_t>(), basis, select, mode, threshold, strength, scores.data_ptr<float>());
+    launch<scalar_t>(x, x.data_ptr<scalar_t>(), basis, sel, mode, threshold, strength, scores.data_ptr<float>());
   });
   return scores;
 }

@@ -29,9 +29,9 @@ constexpr int kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) to ~2 ulp for x in [-87, 88]: 2^n * p(r), n = round(x / ln 2), |r| <= ln2 / 2. Branch-free so it
-// vectorises; inputs below -87.3 (including -inf) give ~1e-38, negligible next to a row's maximum term.
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
+// vectorises; inputs below -87.3 (including -inf, a banned token) give exactly 0.
+inline float exp_fast(float x_in) {
+  const float x = std::min(std::max(x_in, -87.3f), 88.3f);
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.f / 5040.f;
@@ -45,26 +45,29 @@ inline float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x_in < -87.3f ? 0.f : p * scale;  // NaN stays NaN
 }
 
-// Row maximum; NaN when the row holds a NaN or an infinity (exp_fast's clamp would otherwise hide it).
+// Row maximum; NaN when the row holds a NaN or a +inf (exp_fast's clamp would otherwise hide it). -inf is a
+// valid logit (a bias of -inf bans a token): it is ignored unless the whole row is -inf.
 UE_MULTIVERSION float row_max(const float* z, int64_t V) {
+  constexpr float kMaxFinite = std::numeric_limits<float>::max();
   float lane[kLanes], check[kLanes] = {0};
   std::fill(lane, lane + kLanes, kNegInf);
   int64_t j = 0;
   for (; j + kLanes <= V; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       lane[l] = std::max(lane[l], z[j + l]);
-      check[l] += z[j + l] * 0.f;  // NaN for NaN or +-inf
+      check[l] += z[j + l] <= kMaxFinite ? 0.f : 1.f;  // 1 for NaN or +inf
     }
   float m = kNegInf, bad = 0.f;
   for (int l = 0; l < kLanes; ++l) m = std::max(m, lane[l]), bad += check[l];
-  for (; j < V; ++j) m = std::max(m, z[j]), bad += z[j] * 0.f;
-  return std::isnan(bad) ? std::numeric_limits<float>::quiet_NaN() : m;
+  for (; j < V; ++j) m = std::max(m, z[j]), bad += z[j] <= kMaxFinite ? 0.f : 1.f;
+  return bad > 0.f ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// sum_j exp(z_j - m) and, when w is given, sum_j exp(z_j - m) * (z_j - w_j).
+// sum_j exp(z_j - m) and, when w is given, sum_j exp(z_j - m) * (z_j - w_j), where a z_j of -inf contributes 0
+// (a token the reference bans carries no KL mass, whatever the model's logit for it).
 UE_MULTIVERSION void row_exp_sums(const float* z, const float* w, int64_t V, float m, float* sum, float* weighted) {
   float s[kLanes] = {0}, t[kLanes] = {0};
   int64_t j = 0;
@@ -73,7 +76,7 @@ UE_MULTIVERSION void row_exp_sums(const float* z, const float* w, int64_t V, flo
       for (int l = 0; l < kLanes; ++l) {
         const float e = exp_fast(z[j + l] - m);
         s[l] += e;
-        t[l] += e * (z[j + l] - w[j + l]);
+        t[l] += z[j + l] == kNegInf ? 0.f : e * (z[j + l] - w[j + l]);
       }
   } else {
     for (; j + kLanes <= V; j += kLanes)
@@ -84,7 +87,7 @@ UE_MULTIVERSION void row_exp_sums(const float* z, const float* w, int64_t V, flo
   for (; j < V; ++j) {
     const float e = exp_fast(z[j] - m);
     total += e;
-    if (w) total_w += e * (z[j] - w[j]);
+    if (w && z[j] != kNegInf) total_w += e * (z[j] - w[j]);
   }
   *sum = total;
   if (weighted) *weighted = total_w;
@@ -102,7 +105,7 @@ UE_MULTIVERSION void row_gradient(const float* z, const float* r, int64_t V, flo
 
 float logsumexp(const float* z, int64_t V) {
   const float m = row_max(z, V);
-  if (!std::isfinite(m)) return m;  // NaN: a non-finite logit; the caller's checks report it
+  if (!std::isfinite(m)) return m;  // NaN: a NaN or +inf logit (the caller's checks report it); -inf: all banned
   float s;
   row_exp_sums(z, nullptr, V, m, &s, nullptr);
   return m + std::log(s);

@@ -15,7 +15,7 @@ namespace {
 constexpr int kMaxBlocks = 1024;
 
 template <typename T>
-__global__ void sum_sq_diff_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, int64_t H,
+__global__ void __launch_bounds__(kThreads) sum_sq_diff_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, int64_t H,
                                    bool b_is_row, float* __restrict__ partial) {
   __shared__ float warp_sums[kThreads / 32];
   float acc = 0.f;
@@ -34,7 +34,7 @@ __global__ void sum_sq_diff_kernel(const T* __restrict__ a, const T* __restrict_
 }
 
 template <typename T>
-__global__ void scaled_diff_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, int64_t H,
+__global__ void __launch_bounds__(kThreads) scaled_diff_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, int64_t H,
                                    bool b_is_row, const float* __restrict__ grad, float scale, T* __restrict__ out) {
   const float s = scale * grad[0];
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x)

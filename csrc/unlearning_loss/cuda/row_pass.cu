@@ -13,6 +13,7 @@ namespace unlearn_engine {
 namespace {
 
 constexpr float kNegInf = -INFINITY;
+constexpr int kMaxRowThreads = 512;  // the widest block row_pass_cuda launches (V >= 8192)
 
 // Running (max, sum of exp(x - max), sum of exp(x - max) * w): merging two partial states.
 struct Online {
@@ -59,7 +60,7 @@ __device__ Online block_merge(Online o, Online* shared) {
 }
 
 template <typename T>
-__global__ void row_pass_kernel(T* __restrict__ logits, const T* __restrict__ ref, int64_t V,
+__global__ void __launch_bounds__(kMaxRowThreads) row_pass_kernel(T* __restrict__ logits, const T* __restrict__ ref, int64_t V,
                                 const int64_t* __restrict__ labels, const float* __restrict__ coef_logp,
                                 const float* __restrict__ coef_kl, float* __restrict__ logp_out,
                                 float* __restrict__ kl_out) {
@@ -106,7 +107,7 @@ void row_pass_cuda(const RowPass& a) {
   const int64_t C = a.logits.size(0), V = a.logits.size(1);
   if (C == 0) return;
   const c10::cuda::CUDAGuard guard(a.logits.device());
-  const int threads = V >= 8192 ? 512 : (V >= 1024 ? 256 : 64);
+  const int threads = V >= 8192 ? kMaxRowThreads : (V >= 1024 ? 256 : 64);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.logits.scalar_type(), "row_pass_cuda", [&] {
     row_pass_kernel<scalar_t><<<C, threads, 0, stream>>>(

@@ -12,10 +12,11 @@ namespace {
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList indices, bool compact_state, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, int64_t step) {
+                      double beta2, double eps, double weight_decay, int64_t step, bool validate) {
   TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
   const auto counts = check_masked_lists(params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"},
                                          indices, compact_state);
+  if (validate) check_index_values(params, indices);
   const WorkItems items = make_work_items(counts);
   const AdamWHyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step);
   UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_adamw_cpu", [&] {
@@ -38,9 +39,10 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
 void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     at::TensorList indices, bool compact_state, double lr, double momentum, double dampening,
-                    double weight_decay, bool nesterov, bool first_step) {
+                    double weight_decay, bool nesterov, bool first_step, bool validate) {
   const bool with_buffers = momentum != 0.0;
   const auto counts = check_sgd_lists(params, grads, momentum_buffers, indices, compact_state, momentum);
+  if (validate) check_index_values(params, indices);
   const WorkItems items = make_work_items(counts);
   const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
   UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_sgd_cpu", [&] {

@@ -15,7 +15,7 @@ namespace {
 std::vector<at::Tensor> as_vector(at::TensorList list) { return std::vector<at::Tensor>(list.begin(), list.end()); }
 
 template <typename T>
-__global__ void masked_adamw_kernel(const int64_t* __restrict__ items, const int64_t* __restrict__ params,
+__global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const int64_t* __restrict__ items, const int64_t* __restrict__ params,
                                     const int64_t* __restrict__ grads, const int64_t* __restrict__ exp_avgs,
                                     const int64_t* __restrict__ exp_avg_sqs, const int64_t* __restrict__ indices,
                                     bool compact_state, AdamWHyper h) {
@@ -32,7 +32,7 @@ __global__ void masked_adamw_kernel(const int64_t* __restrict__ items, const int
 }
 
 template <typename T>
-__global__ void masked_sgd_kernel(const int64_t* __restrict__ items, const int64_t* __restrict__ params,
+__global__ void __launch_bounds__(kThreads) masked_sgd_kernel(const int64_t* __restrict__ items, const int64_t* __restrict__ params,
                                   const int64_t* __restrict__ grads, const int64_t* __restrict__ buffers,
                                   const int64_t* __restrict__ indices, bool compact_state, SGDHyper h) {
   const int64_t w = blockIdx.x, t = items[3 * w], start = items[3 * w + 1], length = items[3 * w + 2];
@@ -48,10 +48,11 @@ __global__ void masked_sgd_kernel(const int64_t* __restrict__ items, const int64
 
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList indices, bool compact_state, double lr,
-                       double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+                       double beta1, double beta2, double eps, double weight_decay, int64_t step, bool validate) {
   TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
   const auto counts = check_masked_lists(params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"},
                                          indices, compact_state);
+  if (validate) check_index_values(params, indices);
   const WorkItems items = make_work_items(counts);
   if (items.size() == 0) return;
   const auto device = params[0].device();
@@ -71,9 +72,10 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 
 void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                      at::TensorList indices, bool compact_state, double lr, double momentum, double dampening,
-                     double weight_decay, bool nesterov, bool first_step) {
+                     double weight_decay, bool nesterov, bool first_step, bool validate) {
   const bool with_buffers = momentum != 0.0;
   const auto counts = check_sgd_lists(params, grads, momentum_buffers, indices, compact_state, momentum);
+  if (validate) check_index_values(params, indices);
   const WorkItems items = make_work_items(counts);
   if (items.size() == 0) return;
   const auto device = params[0].device();

@@ -20,7 +20,7 @@ struct ItemView {
 };
 
 template <typename T>
-__global__ void histogram_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
+__global__ void __launch_bounds__(kThreads) histogram_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
                                  const int64_t* __restrict__ prefix, int shift, unsigned long long* __restrict__ hist,
                                  int64_t nan_slot) {
   __shared__ unsigned int local[257];
@@ -42,7 +42,7 @@ __global__ void histogram_kernel(const int64_t* __restrict__ ptrs, ItemView item
 }
 
 template <typename T>
-__global__ void count_ties_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
+__global__ void __launch_bounds__(kThreads) count_ties_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
                                   const int64_t* __restrict__ threshold, int64_t* __restrict__ ties) {
   using Reduce = cub::BlockReduce<int64_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
@@ -57,7 +57,7 @@ __global__ void count_ties_kernel(const int64_t* __restrict__ ptrs, ItemView ite
 
 // Each thread builds one byte (8 elements); ties are ranked in index order with a block-wide scan.
 template <typename T>
-__global__ void write_mask_kernel(const int64_t* __restrict__ ptrs, const int64_t* __restrict__ bit_ptrs,
+__global__ void __launch_bounds__(kThreads) write_mask_kernel(const int64_t* __restrict__ ptrs, const int64_t* __restrict__ bit_ptrs,
                                   ItemView items, const int64_t* __restrict__ segs,
                                   const int64_t* __restrict__ threshold, const int64_t* __restrict__ tie_offset,
                                   const int64_t* __restrict__ ties_needed) {
