@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: build lint test bench demo info clean
+.PHONY: build lint test bench demo info clean gpu-check gpu-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,15 @@ test: build lint
 
 bench: build
 	$(PY) -m pytest bench -q -s --benchmark-columns=min,mean,rounds
+
+# On a GPU machine: build for the GPU present, CUDA tests, compute-sanitizer, benchmarks, results JSON
+# (scripts/gpu_check.sh). Without a GPU: says so, runs the CPU-side checks, exits with their status.
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash scripts/gpu_check.sh
+
+# Wheels the GPU machine lacks (liger-kernel, cut-cross-entropy) into .whl/, to carry there.
+gpu-wheels:
+	bash scripts/fetch_gpu_wheels.sh
 
 demo: build
 	$(VENV)/bin/unlearn-engine demo --out demo_out
