@@ -39,6 +39,53 @@ def fused_loss(*args, **kwargs):
 IMPLS = {"eager": eager_loss, "fused": fused_loss}
 
 
+def _plain_ce(fn):
+    """A fused cross-entropy library as a speed baseline: token-mean CE over the same GEMMs (GA + NLL's shape of
+    work: 6NHV), not the unlearning objective itself."""
+    def loss(hidden, weight, labels, *_args, **_kwargs):
+        return (fn(hidden, weight, labels),)
+    return loss
+
+
+def baseline_impls(device: str) -> dict:
+    """What the GPU benchmark compares against besides eager, where installed: torch.compile of the eager loss,
+    liger-kernel's fused linear cross entropy and cut-cross-entropy (carry them with scripts/fetch_gpu_wheels.sh)."""
+    found = {}
+    if device != "cuda":
+        return found
+    found["compile"] = torch.compile(eager_loss)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        found["liger"] = _plain_ce(lambda h, w, y: liger(w, h, y))
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        found["cce"] = _plain_ce(lambda h, w, y: linear_cross_entropy(h, w, y))
+    except ImportError:
+        pass
+    IMPLS.update(found)
+    return found
+
+
+def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: int) -> int:
+    """Flop of one forward + backward on the LM-head GEMMs (2 per multiply-add), as each path really does them.
+
+    Logits 2NHV (the reference model's too, forward only, under retain="kl"); dL/dh and dL/dW 4NHV. The fused
+    NPO path recomputes each chunk's logits in backward (and the reference logits under KL): GA+NLL 6NHV,
+    GA+KL 8NHV, NPO+NLL 8NHV, NPO+KL 12NHV. Eager keeps its logits: NPO+NLL 6NHV, NPO+KL 8NHV. The plain-CE
+    baselines do GA+NLL's 6NHV."""
+    gemm = 2 * n * h * v
+    logits = gemm * (2 if retain == "kl" else 1)
+    total = logits + 2 * gemm
+    if impl == "fused" and forget == "npo":
+        total += logits
+    return total
+
+
 def step(impl, args, kwargs):
     hidden, weight = args[0], args[1]
     hidden.grad = weight.grad = None
