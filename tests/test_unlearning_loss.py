@@ -461,3 +461,21 @@ def test_cuda_second_device():
     fused = run(ue.unlearning_loss, case, chunk_size=8, **options)
     assert fused[3][0].device == torch.device("cuda:1")
     assert_matches(fused, reference(case, **options), torch.float32)
+
+
+def test_default_chunk_rule_at_large_vocab(monkeypatch):
+    """GPU chunks of at least ~1200 rows at large V (432-row chunks make the dW GEMM memory-bound at V=151936),
+    within the workspace budget for the chunk's logits (argument, else $UE_CHUNK_WORKSPACE_MB, else 1 GiB); small V
+    and the CPU rule are unchanged."""
+    monkeypatch.delenv("UE_CHUNK_WORKSPACE_MB", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only .type is read: no GPU needed
+    rows = ue.default_chunk_size(8192, 151936, cuda)
+    assert rows >= 1200 and rows % 16 == 0 and rows * 151936 * 2 <= 2**30
+    kl_rows = ue.default_chunk_size(8192, 151936, cuda, with_ref=True, element_size=4)  # fp32 logits + reference
+    assert kl_rows * 151936 * 4 * 2 <= 2**30 and kl_rows >= 16
+    small = ue.default_chunk_size(8192, 151936, cuda, workspace_bytes=256 * 2**20)
+    assert small < rows and small * 151936 * 2 <= 256 * 2**20
+    monkeypatch.setenv("UE_CHUNK_WORKSPACE_MB", "256")
+    assert ue.default_chunk_size(8192, 151936, cuda) == small
+    assert ue.default_chunk_size(8192, 32064, cuda) == 2080  # 64M logits, as before
+    assert ue.default_chunk_size(8192, 32064, cpu) == 256 and ue.default_chunk_size(100, 32064, cpu) == 100

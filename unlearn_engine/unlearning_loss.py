@@ -13,6 +13,7 @@ Two paths, chosen automatically:
   that autograd hands it. Per-sample outputs are differentiable on this path.
 """
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -145,12 +146,29 @@ torch.library.register_autograd("unlearn_engine::rmu_loss", _rmu_backward, setup
 
 
 # ----------------------------------------------------------------------------- argument checks
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk: one chunk of logits is ~8M elements on CPU (32 MB fp32: 256 rows at V=32064,
-    where the per-chunk dW update stops costing more than the GEMMs save), ~64M on GPU."""
-    budget = (1 << 23) if device.type == "cpu" else (1 << 26)
-    rows = max(16, budget // max(vocab_size, 1))
-    rows = (rows // 16) * 16
+# On a GPU the per-chunk weight-gradient GEMM (a V x H fp32 output, read and written once per chunk) turns
+# memory-bound when chunks are short: at V=151936, H=4096 a 432-row chunk streams the 1.2 GB weight twice and the
+# 2.5 GB fp32 gradient per chunk. At least this many rows keep it compute-bound (H100: ~990 TFLOP/s over 3.35 TB/s).
+GPU_MIN_CHUNK_ROWS = 1216
+GPU_CHUNK_WORKSPACE_BYTES = 1 << 30  # default cap on one chunk's logits (+ reference logits); UE_CHUNK_WORKSPACE_MB
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, *, element_size: int = 2,
+                       with_ref: bool = False, workspace_bytes: int | None = None) -> int:
+    """Rows per chunk. CPU: one chunk of logits is ~8M elements (32 MB fp32: 256 rows at V=32064, where the
+    per-chunk dW update stops costing more than the GEMMs save). GPU: ~64M elements, but never fewer than
+    GPU_MIN_CHUNK_ROWS rows (large V), within a workspace budget for the chunk's logits (element_size bytes each,
+    twice with reference logits): workspace_bytes, else $UE_CHUNK_WORKSPACE_MB, else 1 GiB."""
+    vocab_size = max(vocab_size, 1)
+    if device.type == "cpu":
+        rows = (1 << 23) // vocab_size
+    else:
+        if workspace_bytes is None:
+            mb = os.environ.get("UE_CHUNK_WORKSPACE_MB")
+            workspace_bytes = int(float(mb) * 2**20) if mb else GPU_CHUNK_WORKSPACE_BYTES
+        per_row = vocab_size * element_size * (2 if with_ref else 1)
+        rows = min(max((1 << 26) // vocab_size, GPU_MIN_CHUNK_ROWS), workspace_bytes // per_row)
+    rows = (max(16, rows) // 16) * 16
     return max(1, min(rows, max(num_tokens, 1)))
 
 
@@ -241,8 +259,9 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     vocab_size = weight.shape[0]
     if checking:
         _check_index_values(labels, sample_index, roles, vocab_size)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab_size, hidden.device)
     use_kl = retain == "kl"
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab_size, hidden.device,
+                                             element_size=hidden.element_size(), with_ref=use_kl)
     kl_hidden, kl_weight, kl_bias = (ref_hidden, ref_weight, ref_bias) if use_kl else (None, None, None)
 
     num_samples = roles.shape[0]
@@ -307,7 +326,8 @@ def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_inde
                            bias, chunk_size)
     if validate and not torch.compiler.is_compiling():
         _check_index_values(labels, sample_index, roles, weight.shape[0])
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device,
+                                             element_size=hidden.element_size())
     token_logp, _ = _TokenLogprob.apply(hidden, weight, bias, labels, None, None, None, chunk)
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     logp = zeros.index_add(0, sample_index, token_logp)
