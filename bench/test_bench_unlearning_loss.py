@@ -12,7 +12,7 @@ from common import probe_in_subprocess
 if torch.cuda.is_available():
     DEVICE, DTYPE = "cuda", "bfloat16"
     SHAPES = [(8192, 4096, 32064), (8192, 4096, 151936)]
-    ROUNDS = 10
+    ROUNDS = 5
 else:
     DEVICE, DTYPE = "cpu", "float32"
     SHAPES = [(2048, 1024, 32064)]

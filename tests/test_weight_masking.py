@@ -348,3 +348,21 @@ def test_topk_nan_is_refused_on_every_device(device, dtype):
     tensors[1][69_999] = float("nan")
     with pytest.raises(ValueError, match="1 NaN value"):
         ue.topk_mask(tensors, 0.1)
+
+
+def test_masked_optimizer_makes_the_indices_once(monkeypatch):
+    """The index lists (a nonzero over the mask: a host sync on CUDA) are made on the first step and reused: the
+    optimizer's per-step subset masks share the parent's cache instead of recomputing them every step."""
+    params = _params("cpu")
+    mask = ue.topk_mask(params, 0.2)
+    opt = ue.MaskedOptimizer(params, mask, check_finite=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    calls = []
+    dense = ue.Mask.dense
+    monkeypatch.setattr(ue.Mask, "dense", lambda self, i: calls.append(i) or dense(self, i))
+    before = [p.clone() for p in params]
+    opt.step()
+    opt.step()
+    assert calls == [] and not all(torch.equal(a, b) for a, b in zip(params, before))

@@ -70,6 +70,7 @@ class Mask:
         self.bits = list(bits)
         self.shapes = [torch.Size(s) for s in shapes]
         self._indices: dict = {}
+        self._source = None  # (parent Mask, positions) for a subset: indices are cached in the parent
 
     def __len__(self):
         return len(self.bits)
@@ -90,6 +91,9 @@ class Mask:
 
     def indices(self, i: int) -> torch.Tensor:
         """Flat int32 indices of the selected elements of tensor i, ascending (cached)."""
+        if i not in self._indices and self._source is not None:
+            parent, positions = self._source
+            self._indices[i] = parent.indices(positions[i])  # made once, in the parent: no recompute per subset
         if i not in self._indices:
             if self.shapes[i].numel() >= 2**31:
                 fail(f"tensor {i} has {self.shapes[i].numel()} elements; masked steps index with int32")
@@ -98,8 +102,10 @@ class Mask:
 
     def subset(self, positions: Sequence[int]) -> "Mask":
         """The mask of the tensors at `positions` (sharing bits and cached indices)."""
+        positions = list(positions)
         sub = Mask([self.bits[i] for i in positions], [self.shapes[i] for i in positions])
         sub._indices = {n: self._indices[i] for n, i in enumerate(positions) if i in self._indices}
+        sub._source = (self, positions)
         return sub
 
     def check_matches(self, tensors: Sequence[torch.Tensor], name: str):

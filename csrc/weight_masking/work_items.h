@@ -13,19 +13,30 @@ namespace unlearn_engine {
 
 constexpr int64_t kItemSize = 1 << 16;
 
+// A small int64 host table on its way to `device`: for a CUDA device it is filled in pinned memory and copied
+// asynchronously on the current stream (a pageable copy would block the host until the GPU is idle). The
+// caching host allocator keeps the pinned block until that copy has run.
+inline at::Tensor host_table(at::IntArrayRef sizes, const at::Device& device) {
+  return at::empty(sizes, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+}
+
+inline at::Tensor to_device(const at::Tensor& host, const at::Device& device) {
+  return device.is_cuda() ? host.to(device, /*non_blocking=*/true) : host;
+}
+
 struct WorkItems {
   std::vector<int64_t> tensor, start, length;  // one entry per item
   int64_t size() const { return static_cast<int64_t>(tensor.size()); }
   // (W, 3) int64 table [tensor, start, length], on `device`.
   at::Tensor table(const at::Device& device) const {
-    auto t = at::empty({size(), 3}, at::kLong);
+    auto t = host_table({size(), 3}, device);
     auto a = t.accessor<int64_t, 2>();
     for (int64_t i = 0; i < size(); ++i) {
       a[i][0] = tensor[i];
       a[i][1] = start[i];
       a[i][2] = length[i];
     }
-    return t.to(device);
+    return to_device(t, device);
   }
 };
 
@@ -43,10 +54,10 @@ inline WorkItems make_work_items(const std::vector<int64_t>& lengths) {
 
 // Device array of the tensors' data pointers (as int64), so one kernel can address many tensors.
 inline at::Tensor pointer_table(const std::vector<at::Tensor>& tensors, const at::Device& device) {
-  auto t = at::empty({static_cast<int64_t>(tensors.size())}, at::kLong);
+  auto t = host_table({static_cast<int64_t>(tensors.size())}, device);
   auto a = t.accessor<int64_t, 1>();
   for (size_t i = 0; i < tensors.size(); ++i) a[i] = reinterpret_cast<int64_t>(tensors[i].data_ptr());
-  return t.to(device);
+  return to_device(t, device);
 }
 
 }  // namespace unlearn_engine
