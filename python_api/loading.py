@@ -108,21 +108,49 @@ def _canonical_name(name, expected):
     return name
 
 
-def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
-             load_processor: bool = True) -> Tuple[torch.nn.Module, object]:
-    """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode."""
-    import transformers
-
-    dtype = _dtype(dtype)
+def check_checkpoint_dir(path: str) -> Dict[str, list]:
+    """The cheap checks of a checkpoint folder (a folder, config.json, safetensors files or index, no pickle);
+    returns _shard_files(path)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path} has no config.json")
-    files = _shard_files(path)
+    return _shard_files(path)
+
+
+def _config(path):
+    import transformers
+
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"unsupported or invalid config.json in {path}: {err}") from None
+
+
+def empty_model(path: str) -> torch.nn.Module:
+    """The checkpoint's model built on the meta device (no memory, no weights): for checks of module layout."""
+    check_checkpoint_dir(path)
+    config = _config(path)
+    with torch.device("meta"):
+        return _model_class(config)(config)
+
+
+def _check_finite(model: torch.nn.Module) -> None:
+    """CheckpointError naming the first parameter or buffer holding NaN or inf."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"tensor {name} holds {bad} non-finite value(s) (NaN or inf): the checkpoint is "
+                                  "broken (pass check_finite=False / --skip-finite-check to load it anyway)")
+
+
+def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
+             load_processor: bool = True, check_finite: bool = True) -> Tuple[torch.nn.Module, object]:
+    """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode.
+    check_finite: refuse weights holding NaN/inf (CheckpointError naming the tensor)."""
+    dtype = _dtype(dtype)
+    files = check_checkpoint_dir(path)
+    config = _config(path)
     cls = _model_class(config)
     model = cls(config).to(dtype)
     state = model.state_dict()
@@ -148,6 +176,8 @@ def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | tor
     if tied:
         model.tie_weights()
     model = model.to(device).eval()
+    if check_finite:
+        _check_finite(model)
     return model, (_load_processor(path) if load_processor else None)
 
 
