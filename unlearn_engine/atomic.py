@@ -71,6 +71,13 @@ def atomic_dir(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # some writers (safetensors) create 0600 files: everything in the folder gets the user's umask
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=".old-", dir=parent)
         os.replace(path, os.path.join(old, "previous"))
