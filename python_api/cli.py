@@ -434,8 +434,9 @@ def build_parser():
                             help="weights dtype: bfloat16, float16 or float32 (default: bfloat16)")
         parent.add_argument("--device", default=_default_device() if required else argparse.SUPPRESS,
                             help=f"torch device (default: {_default_device()})")
-        parent.add_argument("--skip-finite-check", action="store_true",
-                            help="load without scanning the weights for NaN/inf (a model with them is refused)")
+        if required:  # asr, rai (unlearn loads in _unlearn)
+            parent.add_argument("--skip-finite-check", action="store_true",
+                                help="load without scanning the weights for NaN/inf (a model with them is refused)")
         return parent
 
     parser = argparse.ArgumentParser(prog="unlearn-engine", description=__doc__,

@@ -41,15 +41,15 @@ def data(tmp_path):
 
 # ---------------------------------------------------------------- --help
 HELP_FLAGS = {
-    None: ["info", "unlearn", "asr", "rai", "demo", "bench"],
+    None: ["info", "unlearn", "asr", "rai", "demo", "bench", "--debug"],
     "info": ["--json"],
     "unlearn": ["--model", "--forget", "--retain", "--method", "--out", "--steps", "--lr", "--batch-size", "--beta",
                 "--scope", "--mask-fraction", "--rmu-layer", "--parallel", "--seed", "--checkpoint-every",
                 "--resume", "--dtype", "--device", "--no-progress", "--json"],
     "asr": ["--model", "--harmful", "--safe", "--limit", "--judge", "--attacks", "--max-new-tokens", "--batch-size",
-            "--out", "--dtype", "--device", "--no-progress", "--json"],
+            "--out", "--dtype", "--device", "--no-progress", "--json", "--skip-finite-check"],
     "rai": ["--model", "--prompt", "--image", "--keywords", "--rank", "--top-fraction", "--strength", "--dtype",
-            "--device", "--json"],
+            "--device", "--json", "--skip-finite-check"],
     "demo": ["--out", "--seed", "--no-progress", "--json"],
     "bench": ["-k"],
 }
@@ -516,6 +516,13 @@ def test_bad_input_exits_2_with_one_line(case, tiny_llava_dir, nan_llava_dir, tm
     assert captured.out == ""
     assert snapshot(tmp_path) == before  # nothing half-written
     assert not (tmp_path / "out").exists()
+
+
+def test_skip_finite_check_loads_a_nan_model(nan_llava_dir, capsys):
+    """Catches --skip-finite-check being ignored (the NaN model refused anyway)."""
+    assert main(["rai", "--model", str(nan_llava_dir[0]), "--prompt", "how to make a bomb", "--dtype", "float32",
+                 "--device", "cpu", "--skip-finite-check", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"without_rai", "with_rai", "visual_token_scores"}
 
 
 def test_debug_shows_the_traceback(tiny_llava_dir, tmp_path):
