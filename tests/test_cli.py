@@ -303,6 +303,12 @@ def test_asr_xstest_harmful_takes_unsafe_rows(tmp_path):
     assert cli._read_prompt_file(path, 3, harmful=True) == harmful[:3]
 
 
+def test_asr_model_label():
+    """Catches every unlearned model (saved as OUT/model) being labelled just "model" in the ASR table."""
+    assert cli._model_label("/x/runs/npo/model") == "npo/model"
+    assert cli._model_label("/x/llava-1.5-7b/") == "llava-1.5-7b"
+
+
 def test_asr_on_shared_data_matches_in_process(tiny_llava_dir, tmp_path, capsys):
     """Catches `asr` reading AdvBench/XSTest CSVs or generating differently from evaluate() (real generation)."""
     harmful_csv, safe_csv = SHARED_DATA / "advbench_harmful_behaviors.csv", SHARED_DATA / "xstest_prompts.csv"
