@@ -475,6 +475,9 @@ def bad_inputs(model, tmp, nan_model=None):
         "rai-empty-prompt": (with_flag(rai, "--prompt", "  "), "--prompt is empty"),
         "rai-top-fraction-2": (rai + ["--top-fraction", "2"], "--top-fraction must be in (0, 1], got 2.0"),
         "bench-bad-k": (["bench", "-k", "a and (b"], "-k 'a and (b' is not a valid pytest -k expression"),
+        "demo-out-is-a-file": (["demo", "--out", str(tmp / "a-file"), "--no-progress"], "exists and is not a folder"),
+        "demo-save-model-read-only": (["demo", "--save-model", "/proc/ue-tiny"], "--save-model /proc/ue-tiny is not "
+                                                                                 "writable"),
     }
     if not torch.cuda.is_available():
         cases["unlearn-cuda-without-gpu"] = (with_flag(unlearn, "--device", "cuda"), "no CUDA GPU is available")
@@ -497,7 +500,7 @@ BAD = ["unlearn-no-model-dir", "unlearn-no-forget-file", "unlearn-no-retain-file
        "asr-out-is-a-file", "asr-out-read-only", "asr-device-banana", "asr-nan-weights",
        "rai-no-model-dir", "rai-no-image-file", "rai-image-not-an-image", "rai-image-is-a-directory",
        "rai-unknown-keywords", "rai-strength-nan", "rai-empty-prompt", "rai-top-fraction-2", "rai-cuda-without-gpu",
-       "rai-nan-weights", "bench-bad-k"]
+       "rai-nan-weights", "bench-bad-k", "demo-out-is-a-file", "demo-save-model-read-only"]
 
 
 def snapshot(folder):
