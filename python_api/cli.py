@@ -4,18 +4,30 @@ The `unlearn` flags are generated from UnlearnConfig (config.py); --config FILE 
 """
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
 from unlearn_engine._library import build_info
 from unlearn_engine.api.config import UnlearnConfig, choices_of, read_config_file
-from unlearn_engine.api.data import image_tokens, read_advbench, read_figstep, read_jsonl, read_xstest
-from unlearn_engine.api.loading import load_vlm, save_vlm
+from unlearn_engine.api.data import (
+    csv_header,
+    image_tokens,
+    read_advbench,
+    read_figstep,
+    read_jsonl,
+    read_xstest,
+)
+from unlearn_engine.api.loading import DTYPES, check_checkpoint_dir, empty_model, load_vlm, save_vlm
 from unlearn_engine.api.methods import get_method
-from unlearn_engine.atomic import write_text
+from unlearn_engine.atomic import check_writable, write_text
+from unlearn_engine.checks import fail, require
 
 # Settings of an unlearn run that are not UnlearnConfig fields (they may come from --config too).
 RUN_KEYS = {"model": None, "forget": None, "retain": None, "out": None, "dtype": "bfloat16", "device": None,
@@ -40,10 +52,109 @@ def _cmd_info(args):
 
 def _load_model(args):
     """(model, tokenizer, image processor or None) from --model; a saved processor carries both."""
-    model, processor = load_vlm(args.model, dtype=args.dtype, device=args.device)
+    model, processor = load_vlm(args.model, dtype=args.dtype, device=args.device,
+                                check_finite=not getattr(args, "skip_finite_check", False))
     if processor is None:
-        raise ValueError(f"{args.model} has no tokenizer files: prompts cannot be encoded")
+        raise ValueError(f"--model {args.model} has no tokenizer files: prompts cannot be encoded")
     return model, getattr(processor, "tokenizer", processor), getattr(processor, "image_processor", None)
+
+
+# ---------------------------------------------------------------- checks made before any heavy work
+def _check_device(device):
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        fail(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]})")
+    if dev.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        require(dev.index is None or dev.index < torch.cuda.device_count(),
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        require(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here")
+    else:
+        require(dev.type == "cpu", f"--device {device}: only cpu and cuda devices are supported")
+
+
+def _check_model_flags(args):
+    require(args.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    _check_device(args.device)
+    check_checkpoint_dir(args.model)
+
+
+def _check_input_file(path, flag):
+    require(os.path.exists(path), f"{flag} {path}: no such file")
+    require(not os.path.isdir(path), f"{flag} {path} is a directory, not a file")
+    require(os.access(path, os.R_OK), f"{flag} {path} is not readable")
+
+
+def _check_image(path, flag="--image"):
+    from PIL import Image, UnidentifiedImageError
+
+    _check_input_file(path, flag)
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        fail(f"{flag} {path} is not a readable image ({err})")
+
+
+def _check_unlearn(args):
+    """Everything an unlearn run can be refused for, checked before any model is loaded or file written."""
+    run, config = _unlearn_settings(args)
+    for key in ("forget", "retain"):
+        if run[key]:
+            _check_input_file(run[key], f"--{key}")
+            read_jsonl(run[key], role=key)
+    require(run["dtype"] in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {run['dtype']!r}")
+    _check_device(run["device"])
+    check_checkpoint_dir(run["model"])
+    check_writable(run["out"], "--out")
+    # settings only the model can judge (e.g. --rmu-layer against its layer count): on an empty (meta) model
+    get_method(config.method).trainable_modules(empty_model(run["model"]), config)
+
+
+def _check_args(args):
+    if args.command == "unlearn":
+        _check_unlearn(args)
+        return
+    if args.command == "asr":
+        _check_model_flags(args)
+        _check_input_file(args.harmful, "--harmful")
+        if args.safe:
+            _check_input_file(args.safe, "--safe")
+        require(args.limit >= 0, f"--limit must be >= 0 (0: all prompts), got {args.limit}")
+        require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+        require(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        from unlearn_engine.api.evaluation import ATTACKS
+
+        attacks = args.attacks.split(",")
+        unknown = sorted(set(attacks) - set(ATTACKS))
+        require(not unknown, f"--attacks: unknown attack(s) {unknown}; attacks are {ATTACKS}")
+        check_writable(args.out, "--out")
+    elif args.command == "rai":
+        _check_model_flags(args)
+        require(args.prompt.strip() != "", "--prompt is empty")
+        require(args.rank >= 1, f"--rank must be >= 1, got {args.rank}")
+        require(math.isfinite(args.strength), f"--strength must be finite, got {args.strength}")
+        require(0 < args.top_fraction <= 1, f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+        if args.keywords is not None:
+            require(any(k.strip() for k in args.keywords.split(",")), "--keywords holds no keyword")
+        if args.image:
+            _check_image(args.image)
+    elif args.command == "demo":
+        if args.save_model:
+            check_writable(args.save_model, "--save-model")
+        else:
+            check_writable(args.out, "--out")
+    elif args.command == "bench" and args.k is not None:
+        try:
+            from _pytest.mark.expression import Expression  # what pytest itself parses -k with
+        except ImportError:  # no pytest: the bench run below says so itself
+            return
+        try:
+            Expression.compile(args.k)
+        except (SyntaxError, ValueError) as err:  # ParseError in pytest < 8.4, SyntaxError since
+            fail(f"-k {args.k!r} is not a valid pytest -k expression ({getattr(err, 'msg', err)})")
 
 
 def _unlearn_settings(args):
@@ -129,18 +240,17 @@ def _unlearn(args, run, config):
     return 0
 
 
-def _read_prompt_file(path, limit):
-    import csv
-
+def _read_prompt_file(path, limit, *, harmful):
+    """Records of a prompt file: JSONL, or an AdvBench / XSTest / FigStep CSV (XSTest: its unsafe rows when the
+    file is the harmful set, its safe rows when it is the safe set)."""
     if path.endswith(".jsonl"):
         records = read_jsonl(path)
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f))
+        header = csv_header(path)
         if "goal" in header:
             records = read_advbench(path)
         elif "label" in header and "prompt" in header:
-            records = read_xstest(path)
+            records = read_xstest(path, label="unsafe" if harmful else "safe")
         elif "question" in header:
             records = read_figstep(path)
         else:
@@ -148,24 +258,86 @@ def _read_prompt_file(path, limit):
     return records[:limit] if limit else records
 
 
+def _file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _model_label(path):
+    """The folder's name; `.../run/model` (what unlearn writes) is labelled `run/model`."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return "/".join(parts[-2:]) if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+
+
+def _provenance(args, judge):
+    import datetime
+    from importlib import metadata
+
+    from unlearn_engine.api.loading import INDEX_FILE
+
+    model_files = {name: _file_hash(os.path.join(args.model, name)) for name in ("config.json", INDEX_FILE)
+                   if os.path.exists(os.path.join(args.model, name))}
+    data = {flag: {"path": os.path.abspath(path), "sha256": _file_hash(path)}
+            for flag, path in (("harmful", args.harmful), ("safe", args.safe)) if path}
+    versions = {}
+    for package in ("unlearn_engine", "torch", "transformers", "safetensors", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["torch"] = torch.__version__
+    return {"model": {"path": os.path.abspath(args.model), "sha256": model_files, "dtype": args.dtype,
+                      "device": args.device},
+            "judge": {"name": args.judge, **judge.describe()}, "attacks": args.attacks.split(","), "data": data,
+            "limit": args.limit, "generation": {"decoding": "greedy", "max_new_tokens": args.max_new_tokens,
+                                                "batch_size": args.batch_size},
+            "versions": versions, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
 def _cmd_asr(args):
     from unlearn_engine.api.evaluation import RefusalJudge, bar_chart, evaluate, markdown_table, write_json
 
-    harmful = _read_prompt_file(args.harmful, args.limit)
-    safe = _read_prompt_file(args.safe, args.limit) if args.safe else []
+    harmful = _read_prompt_file(args.harmful, args.limit, harmful=True)
+    safe = _read_prompt_file(args.safe, args.limit, harmful=False) if args.safe else []
+    judge = RefusalJudge(args.judge)
+    provenance = _provenance(args, judge)
     model, tokenizer, image_processor = _load_model(args)
-    result = evaluate(model, tokenizer, harmful, safe, judge=RefusalJudge(args.judge), attacks=args.attacks.split(","),
-                      image_processor=image_processor, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, progress=not args.no_progress)
-    row = {"model": os.path.basename(os.path.normpath(args.model))}
+    attacks = args.attacks.split(",")
+    if "figstep" in attacks and image_processor is None:  # before any generation
+        raise ValueError(f"--attacks figstep needs an image processor: --model {args.model} has none saved "
+                         "(preprocessor_config.json)")
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, "responses.partial.jsonl")
+    with open(partial, "w", encoding="utf-8") as log:  # appended per batch: an interruption keeps what was done
+        def on_batch(rows):
+            log.write("".join(json.dumps(r) + "\n" for r in rows))
+            log.flush()
+
+        result = evaluate(model, tokenizer, harmful, safe, judge=judge, attacks=attacks,
+                          image_processor=image_processor, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, progress=not args.no_progress, on_batch=on_batch)
+    result["provenance"] = provenance
+    row = {"model": _model_label(args.model)}
     row.update({f"asr_{a}": r["rate"] for a, r in result["asr"].items()})
     if "over_refusal" in result:
         row["over_refusal"] = result["over_refusal"]["rate"]
-    os.makedirs(args.out, exist_ok=True)
-    write_json(result, os.path.join(args.out, "asr.json"))
+    row["degenerate"] = result["summary"]["degenerate_rate"]
+    row["utility"] = result["utility"]["score"]
     table = markdown_table([row], list(row))
-    write_text(os.path.join(args.out, "asr.md"), table + "\n")
-    bar_chart([row], "model", [k for k in row if k != "model"], os.path.join(args.out, "asr.png"), title="ASR")
+    # every report is written under a temporary name first, then all are renamed into --out
+    stage = tempfile.mkdtemp(prefix=".tmp-asr-", dir=args.out)
+    try:
+        write_json(result, os.path.join(stage, "asr.json"))
+        write_text(os.path.join(stage, "asr.md"), table + "\n")
+        bar_chart([row], "model", [k for k in row if k != "model"], os.path.join(stage, "asr.png"), title="ASR")
+        for name in ("asr.json", "asr.md", "asr.png"):
+            os.replace(os.path.join(stage, name), os.path.join(args.out, name))
+        os.replace(partial, os.path.join(args.out, "responses.jsonl"))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if result["summary"]["broken"]:
+        print(f"warning: {100 * row['degenerate']:.0f}% of the answers are degenerate (empty, repeated or not "
+              "text): the model is broken, its ASR says nothing about safety", file=sys.stderr)
     print(json.dumps(row, indent=2) if args.json else table)
     return 0
 
@@ -188,25 +360,31 @@ def _cmd_demo(args):
     return 0
 
 
+def _rai_pixels(model, image_processor, path):
+    """(1, 3, S, S) pixels of the image file: through the checkpoint's image processor when it has one (its
+    resize and normalisation), else resized to the vision tower's size and scaled to [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    if image_processor is not None:
+        return image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    size = model.config.vision_config.image_size
+    image = image.resize((size, size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
+
+
 def _cmd_rai(args):
     from unlearn_engine.api.evaluation import generate
     from unlearn_engine.api.rai import RiskAwareness
 
-    model, tokenizer, _ = _load_model(args)
-    if args.image:
-        from PIL import Image
-
-        size = model.config.vision_config.image_size
-        image = Image.open(args.image).convert("RGB").resize((size, size))
-        import numpy as np
-
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
-    else:
-        pixels = None
+    model, tokenizer, image_processor = _load_model(args)
+    pixels = _rai_pixels(model, image_processor, args.image) if args.image else None
     prompt = ("<image> " * image_tokens(model) if pixels is not None else "") + args.prompt
-    keywords = args.keywords.split(",") if args.keywords else None
+    keywords = [k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords else None
     rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
-                           strength=args.strength)
+                        strength=args.strength)
     plain = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
     with rai:
         guarded = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
@@ -219,7 +397,7 @@ def _cmd_rai(args):
 def _cmd_bench(args):
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # unlearn_engine/api may be a link
     bench = os.path.join(root, "bench")
     if not os.path.isdir(bench):
         raise ValueError("bench/ is not next to the package (run from a source checkout)")
@@ -258,10 +436,15 @@ def build_parser():
                             help="weights dtype: bfloat16, float16 or float32 (default: bfloat16)")
         parent.add_argument("--device", default=_default_device() if required else argparse.SUPPRESS,
                             help=f"torch device (default: {_default_device()})")
+        if required:  # asr, rai (unlearn loads in _unlearn)
+            parent.add_argument("--skip-finite-check", action="store_true",
+                                help="load without scanning the weights for NaN/inf (a model with them is refused)")
         return parent
 
     parser = argparse.ArgumentParser(prog="unlearn-engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", parents=[output], help="how the native extension was built, and where it runs")
     info.set_defaults(func=_cmd_info)
@@ -281,15 +464,18 @@ def build_parser():
 
     asr = sub.add_parser("asr", parents=[model_flags(True), output],
                          help="attack success rate and over-refusal of a model on prompt files")
-    asr.add_argument("--harmful", required=True, help="AdvBench / FigStep CSV or JSONL of harmful prompts")
-    asr.add_argument("--safe", help="XSTest CSV (safe rows are used) or JSONL of benign prompts")
+    asr.add_argument("--harmful", required=True,
+                     help="AdvBench / FigStep CSV, XSTest CSV (its unsafe rows) or JSONL of harmful prompts")
+    asr.add_argument("--safe", help="XSTest CSV (its safe rows) or JSONL of benign prompts")
     asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
     asr.add_argument("--judge", default="vlguard", choices=["vlguard", "gcg"], help="refusal keyword list")
     asr.add_argument("--attacks", default="text,one_word",
                      help="comma-separated: text, one_word, figstep (figstep needs a saved image processor)")
     asr.add_argument("--max-new-tokens", type=int, default=64)
     asr.add_argument("--batch-size", type=int, default=16)
-    asr.add_argument("--out", default="asr_out", help="folder for asr.json, asr.md, asr.png")
+    asr.add_argument("--out", default="asr_out",
+                     help="folder for asr.json, asr.md, asr.png, responses.jsonl (responses.partial.jsonl while "
+                          "generating)")
     asr.set_defaults(func=_cmd_asr)
 
     rai = sub.add_parser("rai", parents=[model_flags(True), output],
@@ -317,13 +503,30 @@ def build_parser():
     return parser
 
 
+# Errors a user causes (a bad flag, file or folder, a broken checkpoint, a full disk): exit 2 with one line.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)  # arguments, files and the output folder, before any model is loaded
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what, exit 2 like argparse
-        print(f"unlearn-engine {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"unlearn-engine {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 -- one line for everything, a traceback only under --debug
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, USER_ERRORS):
+            print(f"unlearn-engine {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"unlearn-engine {args.command}: internal error: {type(err).__name__}: {message} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

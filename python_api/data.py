@@ -4,7 +4,9 @@ labels on the response tokens only.
 JSONL record: {"prompt": str, "response": str, "image": optional path, "role": "forget" | "retain"}.
 """
 import csv
+import io
 import json
+import os
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -24,24 +26,36 @@ class Record:
     category: str | None = None
 
 
+def read_text(path: str) -> str:
+    """The whole of a UTF-8 text file; a folder, an unreadable file or bytes that are not UTF-8 raise a
+    ValueError (FileNotFoundError for a missing file) that names the file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+
+
 def read_jsonl(path: str, *, role: str | None = None) -> List[Record]:
     """Records from a JSONL file; `role` overrides (or supplies) each record's role."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise ValueError(f"{path}:{line_no}: each line needs a string 'prompt'")
-            r = role or item.get("role", "forget")
-            if r not in ROLE_NAMES:
-                raise ValueError(f"{path}:{line_no}: role must be one of {ROLE_NAMES}, got {r!r}")
-            records.append(Record(item["prompt"], str(item.get("response", "")), r, item.get("image"),
-                                  item.get("category")))
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}:{line_no}: each line needs a string 'prompt'")
+        r = role or item.get("role", "forget")
+        if r not in ROLE_NAMES:
+            raise ValueError(f"{path}:{line_no}: role must be one of {ROLE_NAMES}, got {r!r}")
+        records.append(Record(item["prompt"], str(item.get("response", "")), r, item.get("image"),
+                              item.get("category")))
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -59,9 +73,16 @@ def write_jsonl(records: Sequence[Record], path: str) -> None:
     write_text(path, "".join(lines))
 
 
+def csv_header(path: str) -> List[str]:
+    """The header row of a CSV file (ValueError naming the file when it is empty)."""
+    for row in csv.reader(io.StringIO(read_text(path), newline="")):
+        return row
+    raise ValueError(f"{path} is empty (no CSV header)")
+
+
 def _read_csv(path, required):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    csv_header(path)
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
         raise ValueError(f"{path} has no rows")
     missing = [c for c in required if c not in rows[0]]
@@ -76,9 +97,16 @@ def read_advbench(path: str) -> List[Record]:
 
 
 def read_xstest(path: str, label: str | None = "safe") -> List[Record]:
-    """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes."""
+    """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes (role retain),
+    label="unsafe" the contrast prompts (role forget: the harmful ones), None all rows."""
+    if label not in ("safe", "unsafe", None):
+        raise ValueError(f"label must be 'safe', 'unsafe' or None, got {label!r}")
     rows = _read_csv(path, ("prompt", "type", "label"))
-    return [Record(r["prompt"], "", "retain", category=r["type"]) for r in rows if label is None or r["label"] == label]
+    records = [Record(r["prompt"], "", "retain" if r["label"] == "safe" else "forget", category=r["type"])
+               for r in rows if label is None or r["label"] == label]
+    if not records:
+        raise ValueError(f"{path} has no rows labelled {label!r}")
+    return records
 
 
 def read_figstep(path: str) -> List[Record]:

@@ -5,6 +5,11 @@
 A checkpoint folder holds config.json and model.safetensors, or a sharded model.safetensors.index.json.
 Both LLaVA key layouts are accepted: the old one (language_model.model.*, vision_tower.*,
 multi_modal_projector.*) and the current one (model.language_model.*, ...).
+
+The weights are read by transformers' own `from_pretrained` (the model is built on the meta device and filled
+from the memory-mapped safetensors in the dtype asked for: no fp32 copy with random weights), after our checks
+have read only the files' headers: safetensors only (never a pickle), every shard present, no missing,
+unexpected or mis-shaped tensor. After loading, every weight is scanned for NaN/inf (check_finite=False skips).
 """
 import json
 import os
@@ -81,8 +86,9 @@ def _shard_files(path) -> Dict[str, list]:
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _read_tensors(path, files):
-    tensors = {}
+def _read_shapes(path, files) -> Dict[str, tuple]:
+    """{tensor name: shape} from the safetensors headers (no tensor data is read)."""
+    shapes = {}
     for shard, listed in files.items():
         full = os.path.join(path, shard)
         try:
@@ -92,11 +98,11 @@ def _read_tensors(path, files):
                     missing = sorted(set(listed) - set(names))[:5]
                     raise CheckpointError(f"{shard} lacks tensors the index assigns to it: {missing}")
                 for name in names:
-                    tensors[name] = f.get_tensor(name)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
         except SafetensorError as err:
             raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): "
                                   f"{err}") from None
-    return tensors
+    return shapes
 
 
 def _canonical_name(name, expected):
@@ -108,46 +114,96 @@ def _canonical_name(name, expected):
     return name
 
 
-def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
-             load_processor: bool = True) -> Tuple[torch.nn.Module, object]:
-    """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode."""
-    import transformers
-
-    dtype = _dtype(dtype)
+def check_checkpoint_dir(path: str) -> Dict[str, list]:
+    """The cheap checks of a checkpoint folder (a folder, config.json, safetensors files or index, no pickle);
+    returns _shard_files(path)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path} has no config.json")
-    files = _shard_files(path)
+    return _shard_files(path)
+
+
+def _config(path):
+    import transformers
+
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"unsupported or invalid config.json in {path}: {err}") from None
-    cls = _model_class(config)
-    model = cls(config).to(dtype)
-    state = model.state_dict()
-    expected = set(state)
-    loaded = {_canonical_name(k, expected): v for k, v in _read_tensors(path, files).items()}
 
-    unexpected = sorted(set(loaded) - expected)
+
+def empty_model(path: str) -> torch.nn.Module:
+    """The checkpoint's model built on the meta device (no memory, no weights): for checks of module layout."""
+    check_checkpoint_dir(path)
+    config = _config(path)
+    with torch.device("meta"):
+        return _model_class(config)(config)
+
+
+def _check_finite(model: torch.nn.Module) -> None:
+    """CheckpointError naming the first parameter or buffer holding NaN or inf."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        # fast path: fp32 sums (no bool copy); a non-finite sum is confirmed element-wise, since huge finite
+        # values could overflow it
+        flat = tensor.detach().reshape(-1)
+        if all(bool(torch.isfinite(flat[i:i + (1 << 22)].sum(dtype=torch.float32)))  # 4M elements at a time:
+               for i in range(0, flat.numel(), 1 << 22)):                          # small fp32 temporaries
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"tensor {name} holds {bad} non-finite value(s) (NaN or inf): the checkpoint is "
+                                  "broken (pass check_finite=False / --skip-finite-check to load it anyway)")
+
+
+def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
+             load_processor: bool = True, check_finite: bool = True) -> Tuple[torch.nn.Module, object]:
+    """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode.
+    The processor is the checkpoint's AutoProcessor when it ships one (its .tokenizer and .image_processor),
+    else its tokenizer. check_finite: refuse weights holding NaN/inf (CheckpointError naming the tensor)."""
+    import transformers
+
+    dtype = _dtype(dtype)
+    files = check_checkpoint_dir(path)
+    config = _config(path)
+    cls = _model_class(config)
+    with torch.device("meta"):  # the module layout only: no memory
+        skeleton = cls(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    shapes = {_canonical_name(k, expected): v for k, v in _read_shapes(path, files).items()}
+    unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in the checkpoint: {unexpected[:10]}"
                               + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
     tied = {k for k in expected if k.endswith("lm_head.weight")} if _ties_embeddings(config) else set()
-    missing = sorted(expected - set(loaded) - tied)
+    missing = sorted(set(expected) - set(shapes) - tied)
     if missing:
         raise CheckpointError(f"missing tensor(s) in the checkpoint: {missing[:10]}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    for name, tensor in loaded.items():
-        if tuple(tensor.shape) != tuple(state[name].shape):
-            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but the model "
-                                  f"expects {tuple(state[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            state[name].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
-    if tied:
-        model.tie_weights()
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"tensor {name} has shape {shape} in the checkpoint but the model "
+                                  f"expects {expected[name]}")
+    device = torch.device(device)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # our checks above already said what was wrong
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # stderr stays for one-line errors
+    try:
+        model = cls.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                    device_map={"": device} if device.type != "cpu" else None)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"transformers could not load {path}: {' '.join(str(err).split())}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
     model = model.to(device).eval()
+    if check_finite:
+        _check_finite(model)
     return model, (_load_processor(path) if load_processor else None)
 
 

@@ -167,3 +167,55 @@ def test_save_is_atomic(tmp_path, tiny_llava_dir, monkeypatch):
         ue.save_vlm(model, str(target))
     assert (target / "model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_non_finite_weights_are_refused_with_the_tensor_named(tmp_path, tiny_llava_dir):
+    """Catches a NaN/inf checkpoint loading silently (it answers "" to everything and looks safe), a scan that
+    misses inf or buffers' neighbours, or check_finite=False not skipping the scan."""
+    path = _broken(tmp_path, tiny_llava_dir, "nan")
+    _rewrite(path, lambda t: t["model.language_model.layers.1.mlp.down_proj.weight"].view(-1)[-1:].fill_(float("inf")))
+    with pytest.raises(ue.CheckpointError, match=r"tensor model.language_model.layers.1.mlp.down_proj.weight holds 1 "
+                                                 r"non-finite value\(s\)"):
+        ue.load_vlm(str(path), dtype="float32")
+    with pytest.raises(ue.CheckpointError, match="down_proj.weight holds 1 non-finite"):
+        ue.load_vlm(str(path), dtype="bfloat16")
+    model, _ = ue.load_vlm(str(path), dtype="float32", check_finite=False)
+    assert torch.isinf(model.model.language_model.layers[1].mlp.down_proj.weight).sum() == 1
+
+
+def test_loads_in_the_dtype_asked_through_from_pretrained(tiny_llava_dir, monkeypatch):
+    """Catches load_vlm building the model itself (fp32, random weights, then a cast) instead of transformers'
+    low-memory from_pretrained with the dtype asked for."""
+    from transformers import LlavaForConditionalGeneration
+
+    calls = []
+    original = LlavaForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs.get("dtype"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", classmethod(spy))
+    model, _ = ue.load_vlm(str(tiny_llava_dir), dtype="bfloat16", load_processor=False)
+    assert calls == [torch.bfloat16]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+
+
+def test_saved_files_get_the_users_umask(tmp_path, tiny_llava_dir):
+    """Catches atomic writes leaving mkstemp's 0600 / mkdtemp's 0700 (other users of a shared model folder
+    could not read it)."""
+    from unlearn_engine.atomic import write_text
+
+    model, _ = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+    old = os.umask(0o022)
+    try:
+        ue.save_vlm(model, str(tmp_path / "saved"))
+        write_text(str(tmp_path / "note.txt"), "x")
+        os.umask(0o077)
+        write_text(str(tmp_path / "private.txt"), "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "saved" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "note.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600

@@ -541,3 +541,15 @@ def test_readme_shell_block(block, tiny):
                 except AssertionError as err:
                     raise AssertionError(f"README.md:{line_no}: {text}\n{err}") from None
             check_outputs(argv, stdout, tiny)
+
+
+def test_trainer_note_and_documented_flags_exist():
+    """Catches the README losing the Trainer's remove_unused_columns=False note (without it the Trainer drops
+    `roles` before trainer_loss sees them), or naming CLI flags the parser does not have."""
+    from unlearn_engine.api.cli import build_parser
+
+    text = README.read_text(encoding="utf-8")
+    assert "remove_unused_columns=False" in text
+    help_text = build_parser().format_help() + build_parser()._subparsers._group_actions[0].choices["asr"].format_help()
+    for flag in ("--debug", "--skip-finite-check"):
+        assert flag in text and flag in help_text, flag
