@@ -142,6 +142,7 @@ def _check_args(args):
         if args.image:
             _check_image(args.image)
     elif args.command == "demo":
+        require(1 <= args.seeds <= 50, f"--seeds must be in [1, 50], got {args.seeds}")
         if args.save_model:
             check_writable(args.save_model, "--save-model")
         else:
@@ -353,7 +354,7 @@ def _cmd_demo(args):
               f"--dtype float32\n  unlearn-engine asr --model runs/demo/model --harmful {files['forget']} "
               "--out asr_demo --dtype float32")
         return 0
-    report = run_mirage(args.out, World(seed=args.seed), progress=not args.no_progress,
+    report = run_mirage(args.out, World(seed=args.seed), seeds=args.seeds, progress=not args.no_progress,
                         log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(report["results"], indent=2))
@@ -491,7 +492,8 @@ def build_parser():
     demo = sub.add_parser("demo", parents=[output],
                           help="the safety-mirage world, end to end (the embedded default job)")
     demo.add_argument("--out", default="demo_out", help="folder for mirage.json, mirage.md, mirage.png")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="first seed")
+    demo.add_argument("--seeds", type=int, default=5, help="how many seeds (each cell: mean and 95%% interval)")
     demo.add_argument("--save-model", metavar="DIR",
                       help="only save the world's small trained model + tokenizer (and forget/retain JSONL) to DIR, "
                            "to try every command on")

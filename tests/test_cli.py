@@ -476,6 +476,7 @@ def bad_inputs(model, tmp, nan_model=None):
         "rai-top-fraction-2": (rai + ["--top-fraction", "2"], "--top-fraction must be in (0, 1], got 2.0"),
         "bench-bad-k": (["bench", "-k", "a and (b"], "-k 'a and (b' is not a valid pytest -k expression"),
         "demo-out-is-a-file": (["demo", "--out", str(tmp / "a-file"), "--no-progress"], "exists and is not a folder"),
+        "demo-zero-seeds": (["demo", "--out", str(tmp / "demo"), "--seeds", "0"], "--seeds must be in [1, 50], got 0"),
         "demo-save-model-read-only": (["demo", "--save-model", "/proc/ue-tiny"], "--save-model /proc/ue-tiny is not "
                                                                                  "writable"),
     }
@@ -500,7 +501,7 @@ BAD = ["unlearn-no-model-dir", "unlearn-no-forget-file", "unlearn-no-retain-file
        "asr-out-is-a-file", "asr-out-read-only", "asr-device-banana", "asr-nan-weights",
        "rai-no-model-dir", "rai-no-image-file", "rai-image-not-an-image", "rai-image-is-a-directory",
        "rai-unknown-keywords", "rai-strength-nan", "rai-empty-prompt", "rai-top-fraction-2", "rai-cuda-without-gpu",
-       "rai-nan-weights", "bench-bad-k", "demo-out-is-a-file", "demo-save-model-read-only"]
+       "rai-nan-weights", "bench-bad-k", "demo-out-is-a-file", "demo-zero-seeds", "demo-save-model-read-only"]
 
 
 def snapshot(folder):
