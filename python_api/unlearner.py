@@ -41,6 +41,31 @@ class HeadLoss(torch.nn.Module):
                                   **options)
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute: the loss is multiplied by `scale` before backward; a step whose
+    gradients are not all finite is skipped and the scale halved; after `growth_interval` good steps in a row
+    it doubles (torch.amp.GradScaler's policy, kept here so its state lives in our checkpoints)."""
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    def update(self, grads) -> bool:
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return True
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 class Unlearner:
     """Runs one unlearning method on a model; `config` (or keyword overrides of UnlearnConfig's fields) sets it.
     Methods call back into batch(), indices() and fused_loss()."""
@@ -108,17 +133,53 @@ class Unlearner:
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
                 for k, v in self.model.state_dict().items()}
 
+    def _make_masters(self):
+        """fp32 master copies of the trained bf16/fp16 parameters (fp32 ones are their own master): the optimizer
+        updates these, and the model's low-precision weights are rounded from them after each step, so updates
+        smaller than half a bf16 ulp accumulate instead of being lost. fp16 compute gets a dynamic loss scaler."""
+        self.masters = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
+                        for _, p in self.named_params]
+        self.mixed = any(m is not p for m, (_, p) in zip(self.masters, self.named_params))
+        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
+        self.scaler = LossScaler() if fp16 else None
+
+    def named_masters(self):
+        """(name, fp32 master) of every trained parameter: what the optimizer updates and a checkpoint holds."""
+        return [(n, m) for (n, _), m in zip(self.named_params, self.masters)]
+
     def _make_optimizer(self, forget):
-        params = [p for _, p in self.named_params]
+        self._make_masters()
         c = self.config
-        if c.scope == "full":
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.scope != "mask":
+            return torch.optim.AdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay)
+        params = [p for _, p in self.named_params]
         batches = [self.batch(forget, [], step) for step in range(min(4, c.steps))]
         scores = saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
                           progress=self.progress)
         self._average_gradients(scores)  # one mask for all ranks
         self.mask = topk_mask(scores, c.mask_fraction)
-        return MaskedOptimizer(params, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
+        return MaskedOptimizer(self.masters, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
+
+    @torch.no_grad()
+    def _optimizer_step(self, optimizer) -> bool:
+        """Moves the model's gradients onto the fp32 masters (unscaled), steps the optimizer on the masters and
+        rounds them back into the model. Returns False when an fp16 step was skipped (non-finite gradients)."""
+        scale = self.scaler.scale if self.scaler else 1.0
+        for (_, p), m in zip(self.named_params, self.masters):
+            if m is p:
+                continue
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+            if m.grad is not None and scale != 1.0:
+                m.grad.div_(scale)
+        if self.scaler and not self.scaler.update([m.grad for m in self.masters if m.grad is not None]):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.step()
+        for (_, p), m in zip(self.named_params, self.masters):
+            if m is not p:
+                p.copy_(m)
+        return True
 
     # ------------------------------------------------------------------ batches
     def indices(self, n: int, step: int, salt: int) -> List[int]:
@@ -214,8 +275,14 @@ class Unlearner:
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
         if resume and ckpt_dir:
-            state = load_latest(ckpt_dir, self.named_params, optimizer, self.device)
+            state = load_latest(ckpt_dir, self.named_masters(), optimizer, self.device)
             if state is not None:
+                with torch.no_grad():
+                    for (_, p), m in zip(self.named_params, self.masters):
+                        if m is not p:
+                            p.copy_(m)
+                if self.scaler and state.get("loss_scaler"):
+                    self.scaler.load_state_dict(state["loss_scaler"])
                 start = state["step"]
                 self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in state["ref_logp"].items()}
                 self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
@@ -230,20 +297,25 @@ class Unlearner:
             loss, stats = self.method.loss(self, forget, retain, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
-            loss.backward()
+            (loss * self.scaler.scale if self.scaler else loss).backward()
             if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
                 self._average_gradients([p.grad for _, p in self.named_params])
-            optimizer.step()
+            stepped = self._optimizer_step(optimizer)
             record = {"step": step + 1, "loss": float(loss.detach()),
                       **{k: v for k, v in stats.items() if v is not None}}  # batch NLLs, before this step
+            if self.scaler:
+                record["loss_scale"] = self.scaler.scale
+                if not stepped:
+                    record["skipped"] = True  # non-finite fp16 gradients: no update, the scale was halved
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if metrics_path:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if writer and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, step + 1, self.named_params, optimizer, {
+                save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {
                     "config": dataclasses.asdict(c), "history": self.history,
+                    "loss_scaler": self.scaler.state_dict() if self.scaler else None,
                     "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()},
                     "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}})
         if c.scope == "lora":
