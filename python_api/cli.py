@@ -104,7 +104,8 @@ def _unlearn(args, run, config):
     before = {"forget_nll": mean_nll(model, tokenizer, forget)}
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain)
-    unlearner = Unlearner(model, tokenizer, config, out_dir=run["out"], progress=not args.no_progress)
+    unlearner = Unlearner(model, tokenizer, config, out_dir=run["out"], progress=not args.no_progress,
+                          fingerprint={"model_path": os.path.abspath(run["model"])})
     unlearner.fit(forget, retain, resume=run["resume"])
     if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
         state = unlearner.full_state_dict()

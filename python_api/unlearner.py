@@ -9,14 +9,15 @@ would. Checkpoints (every `checkpoint_every` steps) hold the trainable parameter
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from typing import List, Sequence
 
 import torch
 
-from unlearn_engine.api.checkpoint import load_latest, save_checkpoint
-from unlearn_engine.api.config import UnlearnConfig
+from unlearn_engine.api.checkpoint import apply_checkpoint, find_checkpoint, save_checkpoint
+from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
 from unlearn_engine.api.data import Record, encode
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
@@ -72,12 +73,13 @@ class Unlearner:
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
                  ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
-                 **overrides) -> None:
+                 fingerprint: dict | None = None, **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.method = get_method(config.method)
         self.out_dir, self.progress = out_dir, progress
+        self.extra_fingerprint = dict(fingerprint or {})  # e.g. the CLI's model path
         self.device = next(model.parameters()).device
         needs_ref = self.method.needs_reference
         self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
@@ -181,6 +183,21 @@ class Unlearner:
                 p.copy_(m)
         return True
 
+    def fingerprint(self, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
+        """What decides the run's trajectory: every setting but RESUME_SAFE, the records' content, the model's
+        architecture and dtype, and what is trained. A checkpoint is resumed only by a run with an equal one."""
+        def digest(value):
+            return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        config = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+        config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype",
+                                                                "dtype")}
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_SAFE}
+        return {**settings, "forget_data": digest([dataclasses.astuple(r) for r in forget]),
+                "retain_data": digest([dataclasses.astuple(r) for r in retain]), "model_config": digest(config),
+                "model_dtype": str(next(self.model.parameters()).dtype),
+                "trained": digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint}
+
     # ------------------------------------------------------------------ batches
     def indices(self, n: int, step: int, salt: int) -> List[int]:
         """The global batch of (seed, step); under torch.distributed each rank takes its own slice."""
@@ -274,8 +291,10 @@ class Unlearner:
         writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
+        fingerprint = self.fingerprint(forget, retain)
         if resume and ckpt_dir:
-            state = load_latest(ckpt_dir, self.named_masters(), optimizer, self.device)
+            ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint)
+            state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device) if ckpt else None
             if state is not None:
                 with torch.no_grad():
                     for (_, p), m in zip(self.named_params, self.masters):
@@ -314,10 +333,10 @@ class Unlearner:
                     f.write(json.dumps(record) + "\n")
             if writer and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
                 save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {
-                    "config": dataclasses.asdict(c), "history": self.history,
+                    "config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
                     "loss_scaler": self.scaler.state_dict() if self.scaler else None,
                     "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()},
-                    "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}})
+                    "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}}, keep=c.keep_checkpoints)
         if c.scope == "lora":
             merge_lora_(self.model)
         self.model.eval()
