@@ -105,8 +105,12 @@ class Unlearner:
         if self.config.scope == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
-            inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
-                                               target_modules=LORA_TARGETS, lora_dropout=0.0), model)
+            # the adapters' random init comes from the run's seed (not the global RNG): same seed, same run
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.config.seed)
+                inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
+                                                   target_modules=LORA_TARGETS, lora_dropout=0.0), model)
             return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         for m in self.method.trainable_modules(model, self.config):
             m.requires_grad_(True)
@@ -286,7 +290,7 @@ class Unlearner:
         if self.method.needs_retain and not retain:
             raise ValueError(f"method {c.method!r} needs retain records")
         self.model.train()
-        optimizer = self._make_optimizer(forget)
+        optimizer = self.optimizer = self._make_optimizer(forget)
         start = 0
         writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
