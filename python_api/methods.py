@@ -127,8 +127,7 @@ class RMU(UnlearningMethod):
         c, batch = run.config, run.batch(forget, retain, step)
 
         def layer_out(model):
-            out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   output_hidden_states=True)
+            out = model.base_model(input_ids=batch["input_ids"], output_hidden_states=True, **run.model_inputs(batch))
             return out.hidden_states[c.rmu_layer + 1]
 
         acts = layer_out(run.model)

@@ -12,13 +12,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from typing import List, Sequence
 
 import torch
 
-from unlearn_engine.api.checkpoint import apply_checkpoint, find_checkpoint, save_checkpoint
+from unlearn_engine.api.checkpoint import (
+    apply_checkpoint,
+    find_checkpoint,
+    fingerprint_mismatch,
+    list_checkpoints,
+    save_checkpoint,
+)
 from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
-from unlearn_engine.api.data import Record, encode
+from unlearn_engine.api.data import Record, encode, image_tokens
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
@@ -40,6 +47,35 @@ class HeadLoss(torch.nn.Module):
     def forward(self, hidden, labels, sample_index, roles, **options):
         return unlearning_loss(hidden, self.head.weight, labels, sample_index, roles, bias=self.head.bias,
                                   **options)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_fingerprint(config: UnlearnConfig, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
+    """The part of a run's fingerprint known without the model: settings (but RESUME_SAFE) and the records."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_SAFE}
+    return {**settings, "forget_data": _digest([dataclasses.astuple(r) for r in forget]),
+            "retain_data": _digest([dataclasses.astuple(r) for r in retain])}
+
+
+def check_resume_settings(ckpt_dir: str, config: UnlearnConfig, forget, retain, extra: dict | None = None) -> None:
+    """Before any model is loaded: refuses (ValueError naming the fields) a resume whose settings, records or
+    `extra` fields differ from those of the newest checkpoint whose state can be read."""
+    current = {**settings_fingerprint(config, forget, retain), **(extra or {})}
+    for _, path in list_checkpoints(ckpt_dir):
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                saved = json.load(f).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: fit() warns and falls back past it
+        differ = fingerprint_mismatch({k: v for k, v in saved.items() if k in current} if isinstance(saved, dict)
+                                      else saved, current)
+        if differ:
+            raise ValueError(f"checkpoint {path} belongs to another run; differing: {'; '.join(differ)} "
+                             "(resume with the same settings, or use another output folder)")
+        return
 
 
 class LossScaler:
@@ -73,13 +109,15 @@ class Unlearner:
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
                  ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
-                 fingerprint: dict | None = None, **overrides) -> None:
+                 fingerprint: dict | None = None, image_loader=None, **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.method = get_method(config.method)
         self.out_dir, self.progress = out_dir, progress
         self.extra_fingerprint = dict(fingerprint or {})  # e.g. the CLI's model path
+        self.image_loader = image_loader  # records with an image: image_loader(record.image) -> (3, H, W)
+        self.data_report: dict = {}
         self.device = next(model.parameters()).device
         needs_ref = self.method.needs_reference
         self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
@@ -190,17 +228,12 @@ class Unlearner:
     def fingerprint(self, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
         """What decides the run's trajectory: every setting but RESUME_SAFE, the records' content, the model's
         architecture and dtype, and what is trained. A checkpoint is resumed only by a run with an equal one."""
-        def digest(value):
-            return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
         config = self.model.config.to_dict() if hasattr(self.model, "config") else {}
         config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype",
                                                                 "dtype")}
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_SAFE}
-        return {**settings, "forget_data": digest([dataclasses.astuple(r) for r in forget]),
-                "retain_data": digest([dataclasses.astuple(r) for r in retain]), "model_config": digest(config),
+        return {**settings_fingerprint(self.config, forget, retain), "model_config": _digest(config),
                 "model_dtype": str(next(self.model.parameters()).dtype),
-                "trained": digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint}
+                "trained": _digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint}
 
     # ------------------------------------------------------------------ batches
     def indices(self, n: int, step: int, salt: int) -> List[int]:
@@ -224,14 +257,47 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        encoded = encode(records, self.tokenizer, max_length=self.config.max_length)
+        encoded = encode(records, self.tokenizer, max_length=self.config.max_length, **self._image_args(records))
         batch = {k: v.to(self.device) for k, v in encoded.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(next(self.model.parameters()).dtype)
         batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
 
+    def _image_args(self, records, loader=None):
+        if not any(r.image for r in records):
+            return {}
+        if (loader or self.image_loader) is None:
+            raise ValueError("records with an image need image_loader (CLI: --image-root)")
+        return {"image_loader": loader or self.image_loader, "image_tokens": image_tokens(self.model)}
+
+    @staticmethod
+    def model_inputs(batch):
+        """The model's keyword inputs of an encoded batch (attention mask, and pixel values when it has images)."""
+        return {k: batch[k] for k in ("attention_mask", "pixel_values") if k in batch}
+
     def _hidden(self, model, batch):
-        return causal_lm_hidden(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+        return causal_lm_hidden(model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
+
+    def usable_records(self, records: Sequence[Record], kind: str) -> List[Record]:
+        """The records that keep at least one labelled token after the max_length cut; how many lost labelled
+        tokens, have no response or were skipped goes to self.data_report and, when any, to a warning."""
+        stats = {}
+        if records:
+            encode(records, self.tokenizer, max_length=self.config.max_length, stats=stats,
+                   **self._image_args(records, loader=lambda path: torch.zeros(3, 1, 1)))  # no pixels needed
+        skipped = [i for i, n in enumerate(stats.get("labelled", [])) if n == 0]
+        report = {"records": len(records), "truncated": sum(1 for n in stats.get("cut", []) if n > 0),
+                  "no_response": sum(stats.get("no_response", [])), "skipped": skipped}
+        self.data_report[kind] = report
+        if report["truncated"] or report["no_response"] or skipped:
+            warnings.warn(f"{kind}: {report['truncated']} of {len(records)} record(s) lost labelled tokens to the "
+                          f"{self.config.max_length}-token cut (max_length), {report['no_response']} have no response "
+                          f"(only the end token is labelled), {len(skipped)} left with no labelled token are skipped"
+                          + (f" (record indices {skipped[:20]})" if skipped else ""), stacklevel=3)
+        keep = set(range(len(records))) - set(skipped)
+        return [r for i, r in enumerate(records) if i in keep]
 
     def _forget_logp(self, batch):
         hidden, labels, sample_index = self._hidden(self.model, batch)
@@ -242,8 +308,7 @@ class Unlearner:
     def _ref_logp(self, batch):
         missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache]
         if missing:
-            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
-                                    attention_mask=batch["attention_mask"])
+            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
             for i in missing:
                 self._ref_logp_cache[batch["ids"][i]] = float(values[i])
         return torch.tensor([self._ref_logp_cache[k] for k in batch["ids"]], device=self.device)
@@ -289,13 +354,21 @@ class Unlearner:
             raise ValueError("forget must hold at least one record")
         if self.method.needs_retain and not retain:
             raise ValueError(f"method {c.method!r} needs retain records")
+        fingerprint = self.fingerprint(forget, retain)  # of the records as given
+        forget, retain = self.usable_records(forget, "forget"), self.usable_records(retain, "retain")
+        if not forget:
+            raise ValueError(f"no forget record keeps a labelled token within max_length={c.max_length}")
+        if self.method.needs_retain and not retain:
+            raise ValueError(f"no retain record keeps a labelled token within max_length={c.max_length}")
         self.model.train()
         optimizer = self.optimizer = self._make_optimizer(forget)
         start = 0
         writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
-        fingerprint = self.fingerprint(forget, retain)
+        if not resume and list_checkpoints(ckpt_dir):
+            raise ValueError(f"{ckpt_dir} already holds checkpoints of a run: pass resume=True to continue it, or "
+                             "use another out_dir")
         if resume and ckpt_dir:
             ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint)
             state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device) if ckpt else None
@@ -310,6 +383,8 @@ class Unlearner:
                 self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in state["ref_logp"].items()}
                 self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
                 self.history = [h for h in state["history"] if h["step"] <= start]
+        if writer:
+            write_text(os.path.join(self.out_dir, "data.json"), json.dumps(self.data_report, indent=2))
         if metrics_path:
             # rewritten from the restored history: no duplicate lines
             write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in self.history))
@@ -363,13 +438,18 @@ def merge_lora_(model):
 
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
-             max_length: int = 256) -> float:
-    """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path."""
-    device = next(model.parameters()).device
+             max_length: int = 256, image_loader=None) -> float:
+    """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path
+    (records with no labelled token left after the max_length cut are not counted)."""
+    param = next(model.parameters())
     values = []
     for start in range(0, len(records), batch_size):
-        batch = {k: v.to(device) for k, v in encode(records[start:start + batch_size], tokenizer,
-                                                   max_length=max_length).items()}
-        values.append(-reference_logp(model, batch["input_ids"], batch["labels"],
-                                         attention_mask=batch["attention_mask"]))
+        chunk = records[start:start + batch_size]
+        images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
+            else {}
+        batch = {k: v.to(param.device) for k, v in encode(chunk, tokenizer, max_length=max_length, **images).items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+        logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
+        values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
     return float(torch.cat(values).mean())

@@ -49,6 +49,8 @@ def test_resume_refuses_another_run_and_names_the_fields(base, tmp_path):
         for field in fields:
             assert field in str(err.value), (change, str(err.value))
         assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="already holds checkpoints of a run: pass resume=True"):
+        _fit(base, tmp_path, 3)  # a fresh run would mix its checkpoints with the old run's
     # settings that do not change the steps taken may differ, and the new values are used
     _, unlearner = _fit(base, tmp_path, 3, resume=True, checkpoint_every=3, keep_checkpoints=0)
     assert [h["step"] for h in unlearner.history] == [1, 2, 3]
