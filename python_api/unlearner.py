@@ -119,14 +119,20 @@ class Unlearner:
         self.image_loader = image_loader  # records with an image: image_loader(record.image) -> (3, H, W)
         self.data_report: dict = {}
         self.device = next(model.parameters()).device
-        needs_ref = self.method.needs_reference
-        self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
+        # Only methods that need the frozen model's activations (KL-retain, RMU) keep a second model; NPO's
+        # reference log-likelihoods are computed once before the first step (from `ref_model` when given, else
+        # from the model itself, not yet trained), stored with the checkpoints, and the reference is dropped.
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        # (FSDP2 shards the model before fit(): NPO then computes its reference values from an unsharded copy,
+        # dropped after the precompute)
+        sharded = self.world > 1 and config.parallel == "fsdp"
+        needs_ref = self.method.needs_reference or (sharded and self.method.needs_ref_logp)
+        self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
+        if self.ref_model is not None:
+            self.ref_model.eval().requires_grad_(False)
         self.named_params = self._select_params()
         self.head_loss = HeadLoss(model.get_output_embeddings())
         self.fsdp = self.world > 1 and config.parallel == "fsdp"
@@ -305,13 +311,44 @@ class Unlearner:
         return sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
                                 bias=head.bias)
 
+    @torch.no_grad()
+    def _precompute_ref_logp(self, forget: Sequence[Record]) -> None:
+        """Reference log-likelihood of every forget sample not yet cached, from the frozen reference or the model
+        before its first step; then the reference model is dropped unless the method needs its activations."""
+        missing = [i for i in range(len(forget)) if ("f", i) not in self._ref_logp_cache]
+        reference = self.ref_model if self.ref_model is not None else self.model
+        was_training = reference.training
+        reference.eval()
+        try:
+            for start in range(0, len(missing), self.config.batch_size):
+                idx = missing[start:start + self.config.batch_size]
+                records = [forget[i] for i in idx]
+                encoded = encode(records, self.tokenizer, max_length=self.config.max_length,
+                                 **self._image_args(records))
+                batch = {k: v.to(self.device) for k, v in encoded.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(next(reference.parameters()).dtype)
+                values = reference_logp(reference, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
+                for i, v in zip(idx, values.tolist()):
+                    self._ref_logp_cache[("f", i)] = v
+        finally:
+            reference.train(was_training)
+        if not self.method.needs_reference:
+            self.ref_model = None
+
     def _ref_logp(self, batch):
-        missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache]
+        """(B,) reference values of the batch's forget samples; retain entries are not read by forget='npo' with
+        a plain retain term (they would be with retain_npo_weight, which no registered method uses): 0."""
+        missing = [i for i, key in enumerate(batch["ids"])
+                   if key not in self._ref_logp_cache and batch["roles"][i] == FORGET]
         if missing:
+            if self.ref_model is None:
+                raise ValueError(f"no reference log-likelihood for sample(s) {[batch['ids'][i] for i in missing]}: "
+                                 "the reference model was freed after the precompute")
             values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
             for i in missing:
                 self._ref_logp_cache[batch["ids"][i]] = float(values[i])
-        return torch.tensor([self._ref_logp_cache[k] for k in batch["ids"]], device=self.device)
+        return torch.tensor([self._ref_logp_cache.get(k, 0.0) for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
     def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
@@ -369,20 +406,22 @@ class Unlearner:
         if not resume and list_checkpoints(ckpt_dir):
             raise ValueError(f"{ckpt_dir} already holds checkpoints of a run: pass resume=True to continue it, or "
                              "use another out_dir")
-        if resume and ckpt_dir:
-            ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint)
-            state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device) if ckpt else None
-            if state is not None:
-                with torch.no_grad():
-                    for (_, p), m in zip(self.named_params, self.masters):
-                        if m is not p:
-                            p.copy_(m)
-                if self.scaler and state.get("loss_scaler"):
-                    self.scaler.load_state_dict(state["loss_scaler"])
-                start = state["step"]
-                self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in state["ref_logp"].items()}
-                self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
-                self.history = [h for h in state["history"] if h["step"] <= start]
+        ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint) if resume and ckpt_dir else None
+        if ckpt is not None:  # the stored reference values: none is recomputed from the restored weights
+            self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in ckpt["state"].get("ref_logp", {}).items()}
+        if self.method.needs_ref_logp:  # before the first step (and before a checkpoint's weights are applied)
+            self._precompute_ref_logp(forget)
+        if ckpt is not None:
+            state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
+            with torch.no_grad():
+                for (_, p), m in zip(self.named_params, self.masters):
+                    if m is not p:
+                        p.copy_(m)
+            if self.scaler and state.get("loss_scaler"):
+                self.scaler.load_state_dict(state["loss_scaler"])
+            start = state["step"]
+            self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
+            self.history = [h for h in state["history"] if h["step"] <= start]
         if writer:
             write_text(os.path.join(self.out_dir, "data.json"), json.dumps(self.data_report, indent=2))
         if metrics_path:
