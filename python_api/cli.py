@@ -90,37 +90,33 @@ def _cmd_unlearn(args):
 def _unlearn(args, run, config):
     from unlearn_engine.api.checkpoint import list_checkpoints
     from unlearn_engine.api.unlearner import Unlearner, check_resume_settings, mean_nll
+    from unlearn_engine.checks import fail, require
 
     # Everything that can be checked without the model is checked before it is loaded (minutes for a 7B).
     forget = read_jsonl(run["forget"], role="forget")
     retain = read_jsonl(run["retain"], role="retain") if run["retain"] else []
-    if get_method(config.method).needs_retain and not retain:
-        raise ValueError(f"method {config.method!r} needs retain records (--retain)")
+    require(not get_method(config.method).needs_retain or bool(retain),
+            f"method {config.method!r} needs retain records (--retain)")
     model_path = run["model"]
-    if not os.path.isdir(model_path):
-        raise ValueError(f"--model {model_path} is not a directory")
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise ValueError(f"--model {model_path} has no config.json")
+    require(os.path.isdir(model_path), f"--model {model_path} is not a directory")
+    require(os.path.isfile(os.path.join(model_path, "config.json")), f"--model {model_path} has no config.json")
     root = run["image_root"]
-    if root is not None and not os.path.isdir(root):
-        raise ValueError(f"--image-root {root} is not a directory")
+    require(root is None or os.path.isdir(root), f"--image-root {root} is not a directory")
     for r in forget + list(retain):
         if r.image and not os.path.isfile(os.path.join(root or "", r.image)):
-            raise ValueError(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
-                             + ("" if root else " (relative paths are resolved against --image-root)"))
+            fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
+                 + ("" if root else " (relative paths are resolved against --image-root)"))
     out = run["out"]
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a directory")
+    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out} exists and is not a directory")
     parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable")
+    require(os.access(parent, os.W_OK), f"--out {out}: {parent} is not writable")
     fingerprint = {"model_path": os.path.abspath(model_path)}
     checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
     if checkpoints and not run["resume"]:
-        raise ValueError(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
-                         "pass --resume to continue it, or choose another --out")
+        fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
+             "pass --resume to continue it, or choose another --out")
     if run["resume"]:  # another run's checkpoints are refused now, not after the model load
         check_resume_settings(os.path.join(out, "checkpoints"), config, forget, retain, fingerprint)
 

@@ -5,7 +5,12 @@ What is trained and which loss is used come from the method registry (methods.py
     history = unlearner.fit(forget_records, retain_records, resume=True)
 
 Batches are drawn from (seed, step) alone, so a resumed run sees exactly the batches an uninterrupted one
-would. Checkpoints (every `checkpoint_every` steps) hold the trainable parameters, optimizer and RNG state.
+would. Checkpoints (every `checkpoint_every` steps, the newest `keep_checkpoints` kept) hold the fp32 master
+copies of the trained parameters, the optimizer, loss-scaler and RNG state, NPO's reference values and the run's
+fingerprint; a resume is refused unless the fingerprint matches (checkpoint.py).
+
+Precision: the model computes in its dtype; what is trained has fp32 masters and fp32 optimizer state, and the
+model's bf16/fp16 weights are rounded from the masters after every step (fp16 adds dynamic loss scaling).
 """
 import copy
 import dataclasses
@@ -28,6 +33,7 @@ from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
 from unlearn_engine.api.data import Record, encode, image_tokens
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
+from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
 from unlearn_engine.weight_masking import MaskedOptimizer, saliency, topk_mask
@@ -274,8 +280,8 @@ class Unlearner:
     def _image_args(self, records, loader=None):
         if not any(r.image for r in records):
             return {}
-        if (loader or self.image_loader) is None:
-            raise ValueError("records with an image need image_loader (CLI: --image-root)")
+        require((loader or self.image_loader) is not None,
+                "records with an image need image_loader (CLI: --image-root)")
         return {"image_loader": loader or self.image_loader, "image_tokens": image_tokens(self.model)}
 
     @staticmethod
@@ -393,19 +399,17 @@ class Unlearner:
             raise ValueError(f"method {c.method!r} needs retain records")
         fingerprint = self.fingerprint(forget, retain)  # of the records as given
         forget, retain = self.usable_records(forget, "forget"), self.usable_records(retain, "retain")
-        if not forget:
-            raise ValueError(f"no forget record keeps a labelled token within max_length={c.max_length}")
-        if self.method.needs_retain and not retain:
-            raise ValueError(f"no retain record keeps a labelled token within max_length={c.max_length}")
+        require(bool(forget), f"no forget record keeps a labelled token within max_length={c.max_length}")
+        require(not self.method.needs_retain or bool(retain),
+                f"no retain record keeps a labelled token within max_length={c.max_length}")
         self.model.train()
         optimizer = self.optimizer = self._make_optimizer(forget)
         start = 0
         writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
-        if not resume and list_checkpoints(ckpt_dir):
-            raise ValueError(f"{ckpt_dir} already holds checkpoints of a run: pass resume=True to continue it, or "
-                             "use another out_dir")
+        require(resume or not list_checkpoints(ckpt_dir), f"{ckpt_dir} already holds checkpoints of a run: pass "
+                                                          "resume=True to continue it, or use another out_dir")
         ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint) if resume and ckpt_dir else None
         if ckpt is not None:  # the stored reference values: none is recomputed from the restored weights
             self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in ckpt["state"].get("ref_logp", {}).items()}

@@ -69,6 +69,11 @@ def test_resume_is_exact_under_bf16(base, tmp_path):
     assert {t.dtype for t in params.values()} == {torch.float32}
 
 
+@pytest.fixture(scope="module")
+def straight3(base, tmp_path_factory):
+    return _fit(base, tmp_path_factory.mktemp("straight"), 3)[0]
+
+
 def _rewrite(path, name, edit):
     tensors = load_file(str(path / name))
     edit(tensors)
@@ -83,11 +88,10 @@ def _rewrite(path, name, edit):
     ("empty", "optimizer.safetensors is not a readable safetensors file"),
     ("state", "state.json is not a valid checkpoint state"),
 ])
-def test_damaged_checkpoint_raises_and_falls_back(base, tmp_path, damage, words):
+def test_damaged_checkpoint_raises_and_falls_back(base, straight3, tmp_path, damage, words):
     """Catches a broadcast copy (lm_head saved as (1, H) made every row the same), a dtype cast, and raw
     safetensors errors: the newest checkpoint is damaged, resume warns naming the file and resumes from the
     one before, ending bit-identical to an uninterrupted run; with no intact checkpoint, CheckpointError."""
-    straight, _ = _fit(base, tmp_path / "straight", 3)
     _fit(base, tmp_path / "run", 2)
     newest = tmp_path / "run" / "checkpoints" / "step-000002"
     if damage == "shape":
@@ -107,7 +111,7 @@ def test_damaged_checkpoint_raises_and_falls_back(base, tmp_path, damage, words)
         resumed, _ = _fit(base, tmp_path / "run", 3, resume=True)
     assert any(str(newest) in str(w.message) and words in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
-    assert _same(straight, resumed)
+    assert _same(straight3, resumed)
 
 
 def test_no_intact_checkpoint_raises(base, tmp_path):
