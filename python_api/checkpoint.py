@@ -58,6 +58,9 @@ def save_checkpoint(directory, step, named_params, optimizer, extra: dict, *, ke
     """directory/step-NNNNNN/{params,optimizer,rng}.safetensors + state.json, then directory/latest, then the
     checkpoints older than the newest `keep` are deleted (keep=0: all are kept)."""
     os.makedirs(directory, exist_ok=True)
+    for leftover in os.listdir(directory):  # half-written or half-deleted folders of a killed run (one writer)
+        if leftover.startswith((".tmp-", ".old-")) and os.path.isdir(os.path.join(directory, leftover)):
+            shutil.rmtree(os.path.join(directory, leftover), ignore_errors=True)
     name = f"step-{step:06d}"
     final = os.path.join(directory, name)
     with atomic_dir(final) as tmp:
@@ -71,7 +74,10 @@ def save_checkpoint(directory, step, named_params, optimizer, extra: dict, *, ke
     write_text(os.path.join(directory, LATEST), name)
     if keep:  # only now that the new checkpoint is complete and `latest` names it
         for _, old in list_checkpoints(directory)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first: a run killed while deleting leaves no half checkpoint under a step-* name
+            trash = os.path.join(directory, ".old-" + os.path.basename(old))
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 

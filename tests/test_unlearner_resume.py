@@ -136,11 +136,14 @@ def test_retention_keeps_the_newest_k(base, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(tensors, path)
 
+    for leftover in (".tmp-killed", ".old-step-000001"):  # what a run killed mid-write / mid-delete leaves
+        (ckpts / leftover).mkdir()
+        (ckpts / leftover / "params.safetensors").write_bytes(b"\x00" * 10)
     monkeypatch.setattr(checkpoint, "save_file", dies_on_step_7)
     with pytest.raises(OSError, match="disk full"):
         _fit(base, tmp_path, 8, resume=True, keep_checkpoints=2)
-    left = sorted(n for n in os.listdir(ckpts) if n.startswith("step-"))
-    assert left == ["step-000005", "step-000006"], left  # the older ones survive a failed write
+    left = sorted(n for n in os.listdir(ckpts) if n != "latest")
+    assert left == ["step-000005", "step-000006"], left  # the older ones survive a failed write; leftovers cleaned
 
 
 def test_cli_resume_mismatch_exits_2_with_one_line(tiny_llava_dir, tmp_path, capsys):
