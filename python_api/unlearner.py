@@ -218,21 +218,36 @@ class Unlearner:
 
     @torch.no_grad()
     def _optimizer_step(self, optimizer) -> bool:
-        """Moves the model's gradients onto the fp32 masters (unscaled), steps the optimizer on the masters and
-        rounds them back into the model. Returns False when an fp16 step was skipped (non-finite gradients)."""
-        scale = self.scaler.scale if self.scaler else 1.0
-        for (_, p), m in zip(self.named_params, self.masters):
-            if m is p:
-                continue
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-            if m.grad is not None and scale != 1.0:
-                m.grad.div_(scale)
-        if self.scaler and not self.scaler.update([m.grad for m in self.masters if m.grad is not None]):
+        """Unscales the gradients (fp16), moves them onto the fp32 masters, steps the optimizer on the masters and
+        rounds them back into the model. Under mixed precision the optimizer steps one parameter at a time (its
+        state is per parameter, so the result is the same), so that one fp32 gradient exists at a time, not a
+        full fp32 copy of all of them. Returns False when an fp16 step was skipped (non-finite gradients)."""
+        params = [p for _, p in self.named_params]
+        grads = [p.grad for p in params]
+        if self.scaler and not self.scaler.update([g for g in grads if g is not None]):
+            for p in params:
+                p.grad = None
             optimizer.zero_grad(set_to_none=True)
             return False
-        optimizer.step()
-        for (_, p), m in zip(self.named_params, self.masters):
+        inv_scale = 1.0 / self.scaler.scale if self.scaler else 1.0
+        if not self.mixed:  # fp32 training: the parameters are their own masters
+            if inv_scale != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(inv_scale)
+            optimizer.step()
+            return True
+        for p in params:
+            p.grad = None
+        for i, (p, m) in enumerate(zip(params, self.masters)):
+            if grads[i] is None:
+                continue
+            m.grad = grads[i].float() if m is not p else grads[i]
+            grads[i] = None  # the low-precision gradient is freed as soon as it is converted
+            if inv_scale != 1.0:
+                m.grad.mul_(inv_scale)
+            optimizer.step()  # only m has a gradient: only m (and its state) is updated
+            m.grad = None
             if m is not p:
                 p.copy_(m)
         return True

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import unlearn_engine as ue
 
@@ -18,10 +19,13 @@ def base(tiny_llava_dir):
     return ue.load_vlm(str(tiny_llava_dir), dtype="float32")
 
 
-def _run(base, dtype, **config):
+def _run(base, dtype, fp32_adapters=False, **config):
     model, tok = copy.deepcopy(base[0]).to(dtype), base[1]
     start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     unlearner = ue.Unlearner(model, tok, steps=config.pop("steps", 10), lr=1e-5, progress=False, **config)
+    if fp32_adapters:  # fp32 adapters in a low-precision model: they are their own masters
+        for _, p in unlearner.named_params:
+            p.data = p.data.float()
     history = unlearner.fit(FORGET, RETAIN)
     return model, unlearner, start, history
 
@@ -89,3 +93,38 @@ def test_fp16_runs_finite_with_loss_scaling(base):
     assert not scaler.update([torch.tensor([1.0, float("inf")])]) and scaler.scale == 4.0
     assert scaler.update([torch.tensor([1.0])]) and scaler.scale == 4.0
     assert scaler.update([torch.tensor([1.0])]) and scaler.scale == 8.0
+
+
+def _captured_grads(base, dtype, **config):
+    """The gradients the optimizer sees at step 1 (name -> fp32 tensor), through a global step pre-hook."""
+    seen, per_call = {}, []
+
+    def hook(optimizer, args, kwargs):
+        per_call.append(sum(p.grad is not None for group in optimizer.param_groups for p in group["params"]))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    seen[id(p)] = p.grad.detach().float().clone()
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        _, unlearner, _, _ = _run(base, dtype, method="ga", steps=1, **config)
+    finally:
+        handle.remove()
+    grads = {n: seen[id(m)] for n, m in unlearner.named_masters() if id(m) in seen}  # (the projector: none)
+    return grads, per_call
+
+
+@pytest.mark.parametrize("scope", ["full", "lora", "lora-fp32-adapters"])
+def test_fp16_optimizer_sees_unscaled_fp32_gradients(base, scope):
+    """Catches gradients handed to the optimizer still multiplied by the loss scale (fp32 adapters in an fp16
+    model are their own masters, so they need the unscale too) or left in fp16."""
+    extra = {"scope": "lora", "lora_rank": 4} if scope != "full" else {}
+    g32, _ = _captured_grads(base, torch.float32, **extra)
+    g16, per_call = _captured_grads(base, torch.float16, fp32_adapters=scope == "lora-fp32-adapters", **extra)
+    # with fp32 masters the optimizer steps one parameter at a time: one fp32 gradient alive, not a copy of all
+    assert per_call == ([len(g16)] if scope == "lora-fp32-adapters" else [1] * len(g16)), per_call
+    assert set(g32) == set(g16) and g16
+    num = sum(float((g32[n] - g16[n]).pow(2).sum()) for n in g32)
+    den = sum(float(g32[n].pow(2).sum()) for n in g32)
+    assert den > 0 and (num / den) ** 0.5 < 0.05, (num / den) ** 0.5
