@@ -31,7 +31,7 @@ from unlearn_engine.checks import fail, require
 
 # Settings of an unlearn run that are not UnlearnConfig fields (they may come from --config too).
 RUN_KEYS = {"model": None, "forget": None, "retain": None, "out": None, "dtype": "bfloat16", "device": None,
-            "resume": False}
+            "resume": False, "image_root": None}
 
 
 def _cmd_info(args):
@@ -200,43 +200,90 @@ def _cmd_unlearn(args):
 
 
 def _unlearn(args, run, config):
-    from unlearn_engine.api.unlearner import Unlearner, mean_nll
+    from unlearn_engine.api.checkpoint import list_checkpoints
+    from unlearn_engine.api.unlearner import Unlearner, check_resume_settings, mean_nll
+    from unlearn_engine.checks import fail, require
 
+    # Everything that can be checked without the model is checked before it is loaded (minutes for a 7B).
     forget = read_jsonl(run["forget"], role="forget")
     retain = read_jsonl(run["retain"], role="retain") if run["retain"] else []
-    model, processor = load_vlm(run["model"], dtype=run["dtype"], device=run["device"])
+    require(not get_method(config.method).needs_retain or bool(retain),
+            f"method {config.method!r} needs retain records (--retain)")
+    model_path = run["model"]
+    require(os.path.isdir(model_path), f"--model {model_path} is not a directory")
+    require(os.path.isfile(os.path.join(model_path, "config.json")), f"--model {model_path} has no config.json")
+    root = run["image_root"]
+    require(root is None or os.path.isdir(root), f"--image-root {root} is not a directory")
+    for r in forget + list(retain):
+        if r.image and not os.path.isfile(os.path.join(root or "", r.image)):
+            fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
+                 + ("" if root else " (relative paths are resolved against --image-root)"))
+    out = run["out"]
+    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out} exists and is not a directory")
+    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    require(os.access(parent, os.W_OK), f"--out {out}: {parent} is not writable")
+    fingerprint = {"model_path": os.path.abspath(model_path)}
+    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
+    if checkpoints and not run["resume"]:
+        fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
+             "pass --resume to continue it, or choose another --out")
+    if run["resume"]:  # another run's checkpoints are refused now, not after the model load
+        check_resume_settings(os.path.join(out, "checkpoints"), config, forget, retain, fingerprint)
+
+    model, processor = load_vlm(model_path, dtype=run["dtype"], device=run["device"])
     if processor is None:
-        raise ValueError(f"{run['model']} has no tokenizer files: prompts cannot be encoded")
+        raise ValueError(f"{model_path} has no tokenizer files: prompts cannot be encoded")
     tokenizer = getattr(processor, "tokenizer", processor)
-    if get_method(config.method).needs_retain and not retain:
-        raise ValueError(f"method {config.method!r} needs retain records (--retain)")
+    image_loader = None
+    if any(r.image for r in forget + list(retain)):
+        image_tokens(model)  # a model without a vision tower cannot take image records: say so now
+        image_processor = getattr(processor, "image_processor", None)
+        size = model.config.vision_config.image_size
+
+        def image_loader(path):
+            import numpy as np
+            from PIL import Image
+
+            image = Image.open(os.path.join(root or "", path)).convert("RGB")
+            if image_processor is not None:
+                return image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            pixels = np.asarray(image.resize((size, size)), dtype=np.float32)
+            return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
     if int(os.environ.get("RANK", 0)) == 0:
         # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
-        write_text(os.path.join(run["out"], "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
-    before = {"forget_nll": mean_nll(model, tokenizer, forget)}
+        write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
+    nll = {"max_length": config.max_length, "image_loader": image_loader}
+    before = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
-        before["retain_nll"] = mean_nll(model, tokenizer, retain)
-    unlearner = Unlearner(model, tokenizer, config, out_dir=run["out"], progress=not args.no_progress)
+        before["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
+    unlearner = Unlearner(model, tokenizer, config, out_dir=out, progress=not args.no_progress,
+                          fingerprint=fingerprint, image_loader=image_loader)
     unlearner.fit(forget, retain, resume=run["resume"])
     if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
         state = unlearner.full_state_dict()
         if unlearner.rank == 0:
-            model, _ = load_vlm(run["model"], dtype=run["dtype"], device=run["device"], load_processor=False)
+            model, _ = load_vlm(model_path, dtype=run["dtype"], device=run["device"], load_processor=False)
             model.load_state_dict(state)
     if unlearner.rank != 0:
         return 0
-    after = {"forget_nll": mean_nll(model, tokenizer, forget)}
+    after = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
-        after["retain_nll"] = mean_nll(model, tokenizer, retain)
-    save_vlm(model, os.path.join(run["out"], "model"), processor=tokenizer)
-    summary = {"config": dataclasses.asdict(config), "before": before, "after": after,
-               "model": os.path.join(run["out"], "model")}
+        after["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
+    save_vlm(model, os.path.join(out, "model"), processor=tokenizer)
+    summary = {"config": dataclasses.asdict(config), "before": before, "after": after, "data": unlearner.data_report,
+               "model": os.path.join(out, "model")}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{'metric':<12}{'before':>10}{'after':>10}")
         for key in before:
             print(f"{key:<12}{before[key]:>10.4f}{after[key]:>10.4f}")
+        for kind, report in unlearner.data_report.items():
+            if report["skipped"]:
+                print(f"{kind}: {len(report['skipped'])} record(s) with no labelled token skipped "
+                      f"(indices {report['skipped'][:20]})")
         print(f"model written to {summary['model']}")
     return 0
 
@@ -459,7 +506,11 @@ def build_parser():
     un.add_argument("--out", default=argparse.SUPPRESS,
                     help="output folder: config.json, checkpoints/, metrics.jsonl, model/")
     un.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                    help="continue from the newest checkpoint in --out")
+                    help="continue from the newest intact checkpoint in --out (refused, exit 2, when its run "
+                         "fingerprint differs: every setting but --steps, --checkpoint-every, --keep-checkpoints, "
+                         "the data, the model)")
+    un.add_argument("--image-root", default=argparse.SUPPRESS,
+                    help="folder the records' relative 'image' paths are read from")
     _config_flags(un)
     un.set_defaults(func=_cmd_unlearn)
 

@@ -15,6 +15,10 @@ from unlearn_engine.api.methods import METHODS, get_method
 
 SCOPES = ("full", "lora", "mask")
 PARALLEL = ("ddp", "fsdp")
+# Settings that do not change the trajectory of the steps already taken: a resumed run may change them (and
+# uses the new values). Every other field is part of the run's fingerprint: a resume with another value is
+# refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
+RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
 
 
 def setting(default, help: str, choices=None):
@@ -43,6 +47,8 @@ class UnlearnConfig:
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
     seed: int = setting(0, "seed of batches, control vectors and mismatches")
     checkpoint_every: int = setting(0, "steps between checkpoints (0: none)")
+    keep_checkpoints: int = setting(2, "keep the newest K checkpoints, deleting older ones once a newer one is "
+                                       "complete (0: keep all)")
     max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
 
     def validate(self) -> "UnlearnConfig":
@@ -65,7 +71,7 @@ class UnlearnConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("forget_weight", "retain_weight", "rmu_alpha", "weight_decay", "nll_bound", "checkpoint_every",
-                     "rmu_layer"):
+                     "rmu_layer", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.mask_fraction <= 1:

@@ -133,11 +133,15 @@ def prompt_text(tokenizer, prompt: str) -> str:
 
 
 def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image_loader=None,
-           image_tokens: int = 0):
+           image_tokens: int = 0, stats: dict | None = None):
     """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS).
 
     Records with an image need image_loader(record.image) -> (3, H, W) tensor and image_tokens (the number
-    of <image> tokens one image takes); the prompt is prefixed with them and pixel_values is added."""
+    of <image> tokens one image takes); the prompt is prefixed with them and pixel_values is added.
+    A dict passed as `stats` receives, per record, "labelled" (labelled tokens kept after the max_length cut),
+    "cut" (labelled tokens the cut removed) and "no_response" (the record has an empty response)."""
+    if stats is not None:
+        stats.update(labelled=[], cut=[], no_response=[])
     ids_list, label_list, pixels = [], [], []
     for r in records:
         prompt = r.prompt
@@ -153,6 +157,11 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
         labels = [-100] * (len(ids) - len(response_ids)) + response_ids
         ids_list.append(ids[:max_length])
         label_list.append(labels[:max_length])
+        if stats is not None:
+            kept = sum(1 for x in label_list[-1] if x != -100)
+            stats["labelled"].append(kept)
+            stats["cut"].append(len(response_ids) - kept)
+            stats["no_response"].append(not r.response)
     width = max(len(x) for x in ids_list)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(records), width), pad, dtype=torch.long)

@@ -36,7 +36,8 @@ class UnlearningMethod:
 
     name: str = ""
     description: str = ""
-    needs_reference = False   # a frozen copy of the starting model is kept
+    needs_reference = False   # a frozen copy of the starting model is kept (KL-retain, RMU)
+    needs_ref_logp = False    # only the starting model's log-likelihoods: computed once, no copy kept (NPO)
     needs_retain = False      # fit() refuses an empty retain set
     supports_lora = True
 
@@ -76,7 +77,8 @@ class FusedObjective(UnlearningMethod):
 
     def __init__(self, name: str, forget: str, retain: str | None, description: str):
         self.name, self.forget, self.retain, self.description = name, forget, retain, description
-        self.needs_reference = forget == "npo" or retain == "kl"
+        self.needs_reference = retain == "kl"
+        self.needs_ref_logp = forget == "npo"
         self.needs_retain = retain is not None
 
     def loss(self, run, forget, retain, step):
@@ -127,8 +129,7 @@ class RMU(UnlearningMethod):
         c, batch = run.config, run.batch(forget, retain, step)
 
         def layer_out(model):
-            out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   output_hidden_states=True)
+            out = model.base_model(input_ids=batch["input_ids"], output_hidden_states=True, **run.model_inputs(batch))
             return out.hidden_states[c.rmu_layer + 1]
 
         acts = layer_out(run.model)

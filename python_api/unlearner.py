@@ -5,21 +5,35 @@ What is trained and which loss is used come from the method registry (methods.py
     history = unlearner.fit(forget_records, retain_records, resume=True)
 
 Batches are drawn from (seed, step) alone, so a resumed run sees exactly the batches an uninterrupted one
-would. Checkpoints (every `checkpoint_every` steps) hold the trainable parameters, optimizer and RNG state.
+would. Checkpoints (every `checkpoint_every` steps, the newest `keep_checkpoints` kept) hold the fp32 master
+copies of the trained parameters, the optimizer, loss-scaler and RNG state, NPO's reference values and the run's
+fingerprint; a resume is refused unless the fingerprint matches (checkpoint.py).
+
+Precision: the model computes in its dtype; what is trained has fp32 masters and fp32 optimizer state, and the
+model's bf16/fp16 weights are rounded from the masters after every step (fp16 adds dynamic loss scaling).
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import os
+import warnings
 from typing import List, Sequence
 
 import torch
 
-from unlearn_engine.api.checkpoint import load_latest, save_checkpoint
-from unlearn_engine.api.config import UnlearnConfig
-from unlearn_engine.api.data import Record, encode
+from unlearn_engine.api.checkpoint import (
+    apply_checkpoint,
+    find_checkpoint,
+    fingerprint_mismatch,
+    list_checkpoints,
+    save_checkpoint,
+)
+from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
+from unlearn_engine.api.data import Record, encode, image_tokens
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
+from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
 from unlearn_engine.weight_masking import MaskedOptimizer, saliency, topk_mask
@@ -41,27 +55,90 @@ class HeadLoss(torch.nn.Module):
                                   **options)
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_fingerprint(config: UnlearnConfig, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
+    """The part of a run's fingerprint known without the model: settings (but RESUME_SAFE) and the records."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_SAFE}
+    return {**settings, "forget_data": _digest([dataclasses.astuple(r) for r in forget]),
+            "retain_data": _digest([dataclasses.astuple(r) for r in retain])}
+
+
+def check_resume_settings(ckpt_dir: str, config: UnlearnConfig, forget, retain, extra: dict | None = None) -> None:
+    """Before any model is loaded: refuses (ValueError naming the fields) a resume whose settings, records or
+    `extra` fields differ from those of the newest checkpoint whose state can be read."""
+    current = {**settings_fingerprint(config, forget, retain), **(extra or {})}
+    for _, path in list_checkpoints(ckpt_dir):
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                saved = json.load(f).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: fit() warns and falls back past it
+        differ = fingerprint_mismatch({k: v for k, v in saved.items() if k in current} if isinstance(saved, dict)
+                                      else saved, current)
+        if differ:
+            raise ValueError(f"checkpoint {path} belongs to another run; differing: {'; '.join(differ)} "
+                             "(resume with the same settings, or use another output folder)")
+        return
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute: the loss is multiplied by `scale` before backward; a step whose
+    gradients are not all finite is skipped and the scale halved; after `growth_interval` good steps in a row
+    it doubles (torch.amp.GradScaler's policy, kept here so its state lives in our checkpoints)."""
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    def update(self, grads) -> bool:
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return True
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 class Unlearner:
     """Runs one unlearning method on a model; `config` (or keyword overrides of UnlearnConfig's fields) sets it.
     Methods call back into batch(), indices() and fused_loss()."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
                  ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
-                 **overrides) -> None:
+                 fingerprint: dict | None = None, image_loader=None, **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.method = get_method(config.method)
         self.out_dir, self.progress = out_dir, progress
+        self.extra_fingerprint = dict(fingerprint or {})  # e.g. the CLI's model path
+        self.image_loader = image_loader  # records with an image: image_loader(record.image) -> (3, H, W)
+        self.data_report: dict = {}
         self.device = next(model.parameters()).device
-        needs_ref = self.method.needs_reference
-        self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
+        # Only methods that need the frozen model's activations (KL-retain, RMU) keep a second model; NPO's
+        # reference log-likelihoods are computed once before the first step (from `ref_model` when given, else
+        # from the model itself, not yet trained), stored with the checkpoints, and the reference is dropped.
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        # (FSDP2 shards the model before fit(): NPO then computes its reference values from an unsharded copy,
+        # dropped after the precompute)
+        sharded = self.world > 1 and config.parallel == "fsdp"
+        needs_ref = self.method.needs_reference or (sharded and self.method.needs_ref_logp)
+        self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
+        if self.ref_model is not None:
+            self.ref_model.eval().requires_grad_(False)
         self.named_params = self._select_params()
         self.head_loss = HeadLoss(model.get_output_embeddings())
         self.fsdp = self.world > 1 and config.parallel == "fsdp"
@@ -78,8 +155,12 @@ class Unlearner:
         if self.config.scope == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
-            inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
-                                               target_modules=LORA_TARGETS, lora_dropout=0.0), model)
+            # the adapters' random init comes from the run's seed (not the global RNG): same seed, same run
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.config.seed)
+                inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
+                                                   target_modules=LORA_TARGETS, lora_dropout=0.0), model)
             return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         for m in self.method.trainable_modules(model, self.config):
             m.requires_grad_(True)
@@ -108,17 +189,78 @@ class Unlearner:
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
                 for k, v in self.model.state_dict().items()}
 
+    def _make_masters(self):
+        """fp32 master copies of the trained bf16/fp16 parameters (fp32 ones are their own master): the optimizer
+        updates these, and the model's low-precision weights are rounded from them after each step, so updates
+        smaller than half a bf16 ulp accumulate instead of being lost. fp16 compute gets a dynamic loss scaler."""
+        self.masters = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
+                        for _, p in self.named_params]
+        self.mixed = any(m is not p for m, (_, p) in zip(self.masters, self.named_params))
+        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
+        self.scaler = LossScaler() if fp16 else None
+
+    def named_masters(self):
+        """(name, fp32 master) of every trained parameter: what the optimizer updates and a checkpoint holds."""
+        return [(n, m) for (n, _), m in zip(self.named_params, self.masters)]
+
     def _make_optimizer(self, forget):
-        params = [p for _, p in self.named_params]
+        self._make_masters()
         c = self.config
-        if c.scope == "full":
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.scope != "mask":
+            return torch.optim.AdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay)
+        params = [p for _, p in self.named_params]
         batches = [self.batch(forget, [], step) for step in range(min(4, c.steps))]
         scores = saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
                           progress=self.progress)
         self._average_gradients(scores)  # one mask for all ranks
         self.mask = topk_mask(scores, c.mask_fraction)
-        return MaskedOptimizer(params, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
+        return MaskedOptimizer(self.masters, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
+
+    @torch.no_grad()
+    def _optimizer_step(self, optimizer) -> bool:
+        """Unscales the gradients (fp16), moves them onto the fp32 masters, steps the optimizer on the masters and
+        rounds them back into the model. Under mixed precision the optimizer steps one parameter at a time (its
+        state is per parameter, so the result is the same), so that one fp32 gradient exists at a time, not a
+        full fp32 copy of all of them. Returns False when an fp16 step was skipped (non-finite gradients)."""
+        params = [p for _, p in self.named_params]
+        grads = [p.grad for p in params]
+        if self.scaler and not self.scaler.update([g for g in grads if g is not None]):
+            for p in params:
+                p.grad = None
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        inv_scale = 1.0 / self.scaler.scale if self.scaler else 1.0
+        if not self.mixed:  # fp32 training: the parameters are their own masters
+            if inv_scale != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(inv_scale)
+            optimizer.step()
+            return True
+        for p in params:
+            p.grad = None
+        for i, (p, m) in enumerate(zip(params, self.masters)):
+            if grads[i] is None:
+                continue
+            m.grad = grads[i].float() if m is not p else grads[i]
+            grads[i] = None  # the low-precision gradient is freed as soon as it is converted
+            if inv_scale != 1.0:
+                m.grad.mul_(inv_scale)
+            optimizer.step()  # only m has a gradient: only m (and its state) is updated
+            m.grad = None
+            if m is not p:
+                p.copy_(m)
+        return True
+
+    def fingerprint(self, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
+        """What decides the run's trajectory: every setting but RESUME_SAFE, the records' content, the model's
+        architecture and dtype, and what is trained. A checkpoint is resumed only by a run with an equal one."""
+        config = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+        config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype",
+                                                                "dtype")}
+        return {**settings_fingerprint(self.config, forget, retain), "model_config": _digest(config),
+                "model_dtype": str(next(self.model.parameters()).dtype),
+                "trained": _digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint}
 
     # ------------------------------------------------------------------ batches
     def indices(self, n: int, step: int, salt: int) -> List[int]:
@@ -142,14 +284,47 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        encoded = encode(records, self.tokenizer, max_length=self.config.max_length)
+        encoded = encode(records, self.tokenizer, max_length=self.config.max_length, **self._image_args(records))
         batch = {k: v.to(self.device) for k, v in encoded.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(next(self.model.parameters()).dtype)
         batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
 
+    def _image_args(self, records, loader=None):
+        if not any(r.image for r in records):
+            return {}
+        require((loader or self.image_loader) is not None,
+                "records with an image need image_loader (CLI: --image-root)")
+        return {"image_loader": loader or self.image_loader, "image_tokens": image_tokens(self.model)}
+
+    @staticmethod
+    def model_inputs(batch):
+        """The model's keyword inputs of an encoded batch (attention mask, and pixel values when it has images)."""
+        return {k: batch[k] for k in ("attention_mask", "pixel_values") if k in batch}
+
     def _hidden(self, model, batch):
-        return causal_lm_hidden(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+        return causal_lm_hidden(model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
+
+    def usable_records(self, records: Sequence[Record], kind: str) -> List[Record]:
+        """The records that keep at least one labelled token after the max_length cut; how many lost labelled
+        tokens, have no response or were skipped goes to self.data_report and, when any, to a warning."""
+        stats = {}
+        if records:
+            encode(records, self.tokenizer, max_length=self.config.max_length, stats=stats,
+                   **self._image_args(records, loader=lambda path: torch.zeros(3, 1, 1)))  # no pixels needed
+        skipped = [i for i, n in enumerate(stats.get("labelled", [])) if n == 0]
+        report = {"records": len(records), "truncated": sum(1 for n in stats.get("cut", []) if n > 0),
+                  "no_response": sum(stats.get("no_response", [])), "skipped": skipped}
+        self.data_report[kind] = report
+        if report["truncated"] or report["no_response"] or skipped:
+            warnings.warn(f"{kind}: {report['truncated']} of {len(records)} record(s) lost labelled tokens to the "
+                          f"{self.config.max_length}-token cut (max_length), {report['no_response']} have no response "
+                          f"(only the end token is labelled), {len(skipped)} left with no labelled token are skipped"
+                          + (f" (record indices {skipped[:20]})" if skipped else ""), stacklevel=3)
+        keep = set(range(len(records))) - set(skipped)
+        return [r for i, r in enumerate(records) if i in keep]
 
     def _forget_logp(self, batch):
         hidden, labels, sample_index = self._hidden(self.model, batch)
@@ -157,14 +332,44 @@ class Unlearner:
         return sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
                                 bias=head.bias)
 
+    @torch.no_grad()
+    def _precompute_ref_logp(self, forget: Sequence[Record]) -> None:
+        """Reference log-likelihood of every forget sample not yet cached, from the frozen reference or the model
+        before its first step; then the reference model is dropped unless the method needs its activations."""
+        missing = [i for i in range(len(forget)) if ("f", i) not in self._ref_logp_cache]
+        reference = self.ref_model if self.ref_model is not None else self.model
+        was_training = reference.training
+        reference.eval()
+        try:
+            for start in range(0, len(missing), self.config.batch_size):
+                idx = missing[start:start + self.config.batch_size]
+                records = [forget[i] for i in idx]
+                encoded = encode(records, self.tokenizer, max_length=self.config.max_length,
+                                 **self._image_args(records))
+                batch = {k: v.to(self.device) for k, v in encoded.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(next(reference.parameters()).dtype)
+                values = reference_logp(reference, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
+                for i, v in zip(idx, values.tolist()):
+                    self._ref_logp_cache[("f", i)] = v
+        finally:
+            reference.train(was_training)
+        if not self.method.needs_reference:
+            self.ref_model = None
+
     def _ref_logp(self, batch):
-        missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache]
+        """(B,) reference values of the batch's forget samples; retain entries are not read by forget='npo' with
+        a plain retain term (they would be with retain_npo_weight, which no registered method uses): 0."""
+        missing = [i for i, key in enumerate(batch["ids"])
+                   if key not in self._ref_logp_cache and batch["roles"][i] == FORGET]
         if missing:
-            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
-                                    attention_mask=batch["attention_mask"])
+            if self.ref_model is None:
+                raise ValueError(f"no reference log-likelihood for sample(s) {[batch['ids'][i] for i in missing]}: "
+                                 "the reference model was freed after the precompute")
+            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
             for i in missing:
                 self._ref_logp_cache[batch["ids"][i]] = float(values[i])
-        return torch.tensor([self._ref_logp_cache[k] for k in batch["ids"]], device=self.device)
+        return torch.tensor([self._ref_logp_cache.get(k, 0.0) for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
     def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
@@ -207,19 +412,37 @@ class Unlearner:
             raise ValueError("forget must hold at least one record")
         if self.method.needs_retain and not retain:
             raise ValueError(f"method {c.method!r} needs retain records")
+        fingerprint = self.fingerprint(forget, retain)  # of the records as given
+        forget, retain = self.usable_records(forget, "forget"), self.usable_records(retain, "retain")
+        require(bool(forget), f"no forget record keeps a labelled token within max_length={c.max_length}")
+        require(not self.method.needs_retain or bool(retain),
+                f"no retain record keeps a labelled token within max_length={c.max_length}")
         self.model.train()
-        optimizer = self._make_optimizer(forget)
+        optimizer = self.optimizer = self._make_optimizer(forget)
         start = 0
         writer = self.out_dir is not None and self.rank == 0  # one rank writes files
         ckpt_dir = os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
-        if resume and ckpt_dir:
-            state = load_latest(ckpt_dir, self.named_params, optimizer, self.device)
-            if state is not None:
-                start = state["step"]
-                self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in state["ref_logp"].items()}
-                self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
-                self.history = [h for h in state["history"] if h["step"] <= start]
+        require(resume or not list_checkpoints(ckpt_dir), f"{ckpt_dir} already holds checkpoints of a run: pass "
+                                                          "resume=True to continue it, or use another out_dir")
+        ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint) if resume and ckpt_dir else None
+        if ckpt is not None:  # the stored reference values: none is recomputed from the restored weights
+            self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in ckpt["state"].get("ref_logp", {}).items()}
+        if self.method.needs_ref_logp:  # before the first step (and before a checkpoint's weights are applied)
+            self._precompute_ref_logp(forget)
+        if ckpt is not None:
+            state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
+            with torch.no_grad():
+                for (_, p), m in zip(self.named_params, self.masters):
+                    if m is not p:
+                        p.copy_(m)
+            if self.scaler and state.get("loss_scaler"):
+                self.scaler.load_state_dict(state["loss_scaler"])
+            start = state["step"]
+            self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
+            self.history = [h for h in state["history"] if h["step"] <= start]
+        if writer:
+            write_text(os.path.join(self.out_dir, "data.json"), json.dumps(self.data_report, indent=2))
         if metrics_path:
             # rewritten from the restored history: no duplicate lines
             write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in self.history))
@@ -230,22 +453,27 @@ class Unlearner:
             loss, stats = self.method.loss(self, forget, retain, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
-            loss.backward()
+            (loss * self.scaler.scale if self.scaler else loss).backward()
             if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
                 self._average_gradients([p.grad for _, p in self.named_params])
-            optimizer.step()
+            stepped = self._optimizer_step(optimizer)
             record = {"step": step + 1, "loss": float(loss.detach()),
                       **{k: v for k, v in stats.items() if v is not None}}  # batch NLLs, before this step
+            if self.scaler:
+                record["loss_scale"] = self.scaler.scale
+                if not stepped:
+                    record["skipped"] = True  # non-finite fp16 gradients: no update, the scale was halved
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if metrics_path:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if writer and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, step + 1, self.named_params, optimizer, {
-                    "config": dataclasses.asdict(c), "history": self.history,
+                save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {
+                    "config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
+                    "loss_scaler": self.scaler.state_dict() if self.scaler else None,
                     "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()},
-                    "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}})
+                    "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}}, keep=c.keep_checkpoints)
         if c.scope == "lora":
             merge_lora_(self.model)
         self.model.eval()
@@ -268,13 +496,18 @@ def merge_lora_(model):
 
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
-             max_length: int = 256) -> float:
-    """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path."""
-    device = next(model.parameters()).device
+             max_length: int = 256, image_loader=None) -> float:
+    """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path
+    (records with no labelled token left after the max_length cut are not counted)."""
+    param = next(model.parameters())
     values = []
     for start in range(0, len(records), batch_size):
-        batch = {k: v.to(device) for k, v in encode(records[start:start + batch_size], tokenizer,
-                                                   max_length=max_length).items()}
-        values.append(-reference_logp(model, batch["input_ids"], batch["labels"],
-                                         attention_mask=batch["attention_mask"]))
+        chunk = records[start:start + batch_size]
+        images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
+            else {}
+        batch = {k: v.to(param.device) for k, v in encode(chunk, tokenizer, max_length=max_length, **images).items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+        logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
+        values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
     return float(torch.cat(values).mean())

@@ -31,7 +31,8 @@ def test_config_validation_names_the_setting():
     for bad, match in [({"method": "sft"}, "method must be one of"), ({"scope": "lora2"}, "scope must be one of"),
                        ({"lr": float("inf")}, "lr must be finite"), ({"beta": float("nan")}, "beta must be finite"),
                        ({"steps": 0}, "steps must be >= 1"), ({"mask_fraction": 1.5}, "mask_fraction"),
-                       ({"method": "rmu", "scope": "lora"}, "RMU trains"), ({"lr": "fast"}, "lr must be a number")]:
+                       ({"method": "rmu", "scope": "lora"}, "RMU trains"), ({"lr": "fast"}, "lr must be a number"),
+                       ({"keep_checkpoints": -1}, "keep_checkpoints must be >= 0, got -1")]:
         with pytest.raises(ValueError, match=match):
             UnlearnConfig(**bad).validate()
 

@@ -62,12 +62,14 @@ def _cli(args, **kw):
     return [sys.executable, "-m", "unlearn_engine.api.cli", *args]
 
 
-def test_kill_and_resume_matches_uninterrupted(trained_dir, tmp_path):
+@pytest.mark.parametrize("steps,extra", [(150, []), (60, ["--scope", "lora", "--lora-rank", "4"])], ids=["full", "lora"])
+def test_kill_and_resume_matches_uninterrupted(trained_dir, tmp_path, steps, extra):
+    """Catches a resume that is not bit-identical (params, optimizer state, RNG, LoRA adapters and their init)."""
     ue.write_jsonl(FORGET, str(tmp_path / "forget.jsonl"))
     ue.write_jsonl(RETAIN, str(tmp_path / "retain.jsonl"))
     common = ["unlearn", "--model", str(trained_dir), "--forget", str(tmp_path / "forget.jsonl"),
-              "--retain", str(tmp_path / "retain.jsonl"), "--method", "npo", "--steps", "150", "--lr", "1e-3",
-              "--checkpoint-every", "5", "--dtype", "float32", "--no-progress"]
+              "--retain", str(tmp_path / "retain.jsonl"), "--method", "npo", "--steps", str(steps), "--lr", "1e-3",
+              "--checkpoint-every", "5", "--dtype", "float32", "--no-progress", *extra]
     straight = subprocess.run(_cli(common + ["--out", str(tmp_path / "straight")]), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     run = subprocess.Popen(_cli(common + ["--out", str(tmp_path / "killed")]), stdout=subprocess.DEVNULL,
@@ -78,7 +80,7 @@ def test_kill_and_resume_matches_uninterrupted(trained_dir, tmp_path):
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    assert latest.read_text().strip() < "step-000150", "the run finished before it was killed"
+    assert latest.read_text().strip() < f"step-{steps:06d}", "the run finished before it was killed"
     resumed = subprocess.run(_cli(common + ["--out", str(tmp_path / "killed"), "--resume"]), capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -86,7 +88,7 @@ def test_kill_and_resume_matches_uninterrupted(trained_dir, tmp_path):
     b, _ = ue.load_vlm(str(tmp_path / "killed" / "model"), dtype="float32")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     lines = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl")]
-    assert [m["step"] for m in lines] == list(range(1, 151))
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
     assert all({"loss", "forget_nll", "retain_nll"} <= set(m) for m in lines)
 
 
@@ -100,3 +102,25 @@ def test_divergence_guard_stops_ascent(trained_dir):
     assert last_loss[2.0] == 0.0  # every forget sample passed the bound: nothing is ascended any more
     assert last_loss[1e9] != 0.0
     assert finals[2.0] < 0.5 * finals[1e9], finals  # (Adam's momentum still carries a little past the bound)
+
+
+def test_lora_is_plain_and_reproducible_with_a_seed(trained_dir):
+    """Catches a saliency mask applied to LoRA (only 5% of the adapters trained) and adapters initialised from the
+    global RNG: two runs with one seed (and different global RNG states) end bit-identical, every adapter
+    element moved, and another seed gives another run."""
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model, tok = ue.load_vlm(str(trained_dir), dtype="float32")
+        unlearner = ue.Unlearner(model, tok, method="gd", scope="lora", lora_rank=4, steps=3, lr=1e-3, seed=seed,
+                                 progress=False)
+        unlearner.fit(FORGET, RETAIN)
+        return model, unlearner
+
+    a, ua = run(0, 1)
+    b, _ = run(0, 2)
+    c, _ = run(1, 1)
+    assert not hasattr(ua, "mask") and isinstance(ua.optimizer, torch.optim.AdamW)
+    lora_b = [m for n, m in ua.named_masters() if "lora_B" in n]
+    assert lora_b and all(bool((m != 0).all()) for m in lora_b)  # B starts at 0: every element moved
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
