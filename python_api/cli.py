@@ -219,7 +219,7 @@ def _unlearn(args, run, config):
             fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
                  + ("" if root else " (relative paths are resolved against --image-root)"))
     out = run["out"]
-    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out} exists and is not a directory")
+    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out} exists and is not a folder")
     parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -111,7 +111,7 @@ def test_cli_checks_before_loading_the_model(tiny_llava_dir, tmp_path, capsys, m
     if case in ("checkpoints-no-resume", "resume-mismatch"):
         assert cli.main(argv) == 0
         capsys.readouterr()
-    words = {"missing-image": "image", "no-image-root-dir": "is not a directory", "out-is-a-file": "is not a directory",
+    words = {"missing-image": "image", "no-image-root-dir": "is not a directory", "out-is-a-file": "exists and is not a folder",
              "checkpoints-no-resume": "already holds checkpoints", "resume-mismatch": "lr (checkpoint",
              "no-config-json": "has no config.json"}[case]
     if case == "missing-image":
