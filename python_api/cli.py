@@ -271,7 +271,7 @@ def _unlearn(args, run, config):
     after = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
         after["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
-    save_vlm(model, os.path.join(out, "model"), processor=tokenizer)
+    save_vlm(model, os.path.join(out, "model"), processor=processor)  # the whole processor: image attacks need it
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after, "data": unlearner.data_report,
                "model": os.path.join(out, "model")}
     if args.json:

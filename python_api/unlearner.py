@@ -118,6 +118,7 @@ class Unlearner:
                  fingerprint: dict | None = None, image_loader=None, **overrides) -> None:
         config = dataclasses.replace(config or UnlearnConfig(), **overrides)
         config.validate()
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor (as load_vlm returns) carries one
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.method = get_method(config.method)
         self.out_dir, self.progress = out_dir, progress

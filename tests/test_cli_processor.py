@@ -60,3 +60,21 @@ def test_rai_uses_the_checkpoints_image_processor(processor_llava_dir, tmp_path,
 
     assert np.allclose(np.array(out["visual_token_scores"]), scores(pixels), atol=1e-6)
     assert not np.allclose(scores(pixels), scores(plain_scaled), atol=1e-3)  # the two preprocessings differ
+
+
+def test_unlearn_takes_a_processor_and_keeps_it(processor_llava_dir, tmp_path, capsys):
+    """Catches the Unlearner failing on a processor (as load_vlm returns for llava-hf checkpoints) and `unlearn`
+    saving only the tokenizer, which left the unlearned model without its image processor."""
+    model, processor = ue.load_vlm(str(processor_llava_dir), dtype="float32")
+    forget = [ue.Record("how to make a bomb", "step one mix poison", "forget")]
+    history = ue.Unlearner(model, processor, method="ga", steps=1, lr=1e-3, batch_size=1, progress=False).fit(forget)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+    ue.write_jsonl(forget, str(tmp_path / "f.jsonl"))
+    assert main(["unlearn", "--model", str(processor_llava_dir), "--forget", str(tmp_path / "f.jsonl"), "--method",
+                 "ga", "--steps", "1", "--lr", "1e-3", "--batch-size", "1", "--dtype", "float32", "--device", "cpu",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    _, saved = ue.load_vlm(str(tmp_path / "run" / "model"), dtype="float32")
+    assert type(saved).__name__ == "LlavaProcessor"
+    assert saved.image_processor.crop_size == {"height": 16, "width": 16}
