@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: build lint test bench demo info clean gpu-check gpu-wheels
+.PHONY: build lint test bench rehearse demo info clean gpu-check gpu-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ gpu-check:
 # Wheels the GPU machine lacks (liger-kernel, cut-cross-entropy) into .whl/, to carry there.
 gpu-wheels:
 	bash scripts/fetch_gpu_wheels.sh
+
+# Scale rehearsal: LLaVA-1.5-7B shapes with 2 layers in bf16 on this machine, projected to 32 layers / 80 GB.
+rehearse: build
+	$(PY) -m bench.rehearse
 
 demo: build
 	$(VENV)/bin/unlearn-engine demo --out demo_out
