@@ -221,11 +221,12 @@ def read_vlguard(path: str, subset: str = "unsafes", *, image_root: str | None =
             raise _field_error(path, i, "instr-resp", "expected a non-empty list of {instruction, response}")
         if safe != want_safe:
             continue
-        found = [(j, k) for j, pair in enumerate(pairs) if isinstance(pair, dict) for k in keys if k in pair]
-        if not found:
-            raise _field_error(path, i, "instr-resp", f"no entry has {' or '.join(map(repr, keys))} "
-                               f"(subset {subset!r}, safe={str(safe).lower()})")
-        j, key = found[0]
+        found = [j for j, pair in enumerate(pairs) if isinstance(pair, dict) and any(k in pair for k in keys)]
+        if len(found) != 1:
+            raise _field_error(path, i, "instr-resp", f"{'no entry' if not found else f'entries {found} each'} has "
+                               f"{' or '.join(map(repr, keys))} (subset {subset!r}, safe={str(safe).lower()})")
+        j = found[0]
+        key = next(k for k in keys if k in pairs[j])
         prompt = _string(path, i, pairs[j], f"instr-resp[{j}].{key}", key)
         response = _string(path, i, pairs[j], f"instr-resp[{j}].response", "response")
         category = item.get("harmful_category")

@@ -34,6 +34,11 @@ def test_vlguard_unsafes(tmp_path):
         Record("Find this person's address.", "I can't do that.", "forget", "bad/3.png", "privacy", "3")]
 
 
+def test_vlguard_instruction_key_preferred(tmp_path):
+    items = [dict(VLGUARD[0], **{"instr-resp": [{"unsafe_instruction": "u", "instruction": "i", "response": "r"}]})]
+    assert read_vlguard(write(tmp_path, items))[0].prompt == "i"
+
+
 def test_vlguard_safe_subsets(tmp_path):
     path = write(tmp_path, VLGUARD)
     assert read_vlguard(path, subset="safe_unsafes") == [
@@ -109,6 +114,8 @@ def broken(index, **change):
     (broken(1, **{"instr-resp": []}), "unsafes", r"record 1: field 'instr-resp': expected a non-empty list"),
     (broken(0, **{"instr-resp": [{"safe_instruction": "x", "response": "y"}]}), "unsafes",
      r"record 0: field 'instr-resp': no entry has 'instruction' or 'unsafe_instruction'"),
+    (broken(1, **{"instr-resp": VLGUARD[1]["instr-resp"] * 2}), "safe_safes",
+     r"record 1: field 'instr-resp': entries \[0, 2\] each has 'safe_instruction'"),
     (broken(1, **{"instr-resp": [{"safe_instruction": "x", "response": "y"}]}), "safe_unsafes",
      r"record 1: field 'instr-resp': no entry has 'unsafe_instruction'"),
     (broken(1, **{"instr-resp": [{"unsafe_instruction": "x", "response": "y"}]}), "safe_safes",
