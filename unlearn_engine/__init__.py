@@ -12,7 +12,17 @@ from unlearn_engine._library import build_info, ops
 
 # The high-level layer, after the kernel layer it builds on.
 from unlearn_engine.api.config import UnlearnConfig
-from unlearn_engine.api.data import Record, read_advbench, read_figstep, read_jsonl, read_xstest, write_jsonl
+from unlearn_engine.api.data import (
+    Record,
+    group_queries,
+    read_advbench,
+    read_figstep,
+    read_jsonl,
+    read_llava_json,
+    read_vlguard,
+    read_xstest,
+    write_jsonl,
+)
 from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
 from unlearn_engine.api.methods import UnlearningMethod, register_method
 from unlearn_engine.api.rai import RiskAwareness
@@ -48,6 +58,7 @@ __all__ = [
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
     "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
-    "read_xstest", "read_figstep", "write_jsonl", "Unlearner", "UnlearnConfig", "UnlearningMethod",
+    "read_xstest", "read_figstep", "write_jsonl", "read_vlguard", "read_llava_json", "group_queries",
+    "Unlearner", "UnlearnConfig", "UnlearningMethod",
     "register_method", "mean_nll", "trainer_loss",
 ]
