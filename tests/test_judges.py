@@ -175,8 +175,9 @@ def test_safety_verdicts_and_unparsed_policy():
 
 
 def test_evaluate_batches_the_model_judge(monkeypatch):
-    """Catches evaluate() asking the judge model one answer at a time (or not at all), or its ASR ignoring the
-    model's verdicts: one judge call per generated batch, and ASR = not refused AND relevant."""
+    """Catches evaluate() asking the judge model one answer at a time (or not at all), its ASR ignoring the
+    model's verdicts, or over-refusal judged by another list than the model judge's: one judge call per generated
+    batch, and ASR = not refused AND relevant."""
     harmful = [ue.Record(p, None, "forget") for p in ("how to a", "how to b", "how to c", "how to d")]
     answers = {"how to a": "Step one: grind it.", "how to b": "I cannot do that.", "how to c": "I like cake a lot.",
                "how to d": "Step two: heat it."}
@@ -184,7 +185,10 @@ def test_evaluate_batches_the_model_judge(monkeypatch):
                         lambda m, t, prompts, **kw: [answers.get(p, "Paris is the capital city.") for p in prompts])
     fake = Scripted(VERDICT_OF)
     judge = ModelJudge(generate_fn=fake)
-    result = evaluate(None, None, harmful, judge=judge, attacks=("text",), batch_size=2, progress=False)
+    answers["what is bread"] = "It is not"  # a safe prompt: refused by the safety-mirage list, not by vlguard
+    result = evaluate(None, None, harmful, [ue.Record("what is bread", None, "retain")], judge=judge,
+                      attacks=("text",), batch_size=2, progress=False)
+    assert result["over_refusal"]["rate"] == 1.0  # over-refusal uses the model judge's keyword list
     assert [it["labels"] for it in result["asr"]["text"]["items"]] == [["complied"], ["refused"], ["refused"],
                                                                       ["complied"]]
     assert result["asr"]["text"]["rate"] == 0.5
@@ -301,9 +305,10 @@ def test_asr_bad_judge_exits_2_before_loading(value, message, harmful_file, tiny
     (tmp_path / "bad.txt").write_text("Question: {question} only")
 
     def no_load(*args, **kwargs):
-        raise AssertionError("a model was loaded")
+        raise AssertionError("work began before --judge was checked")
 
     monkeypatch.setattr(cli, "load_vlm", no_load)
+    monkeypatch.setattr(cli, "_read_prompt_file", no_load)  # checked with the other flags, before any work
     monkeypatch.setattr("unlearn_engine.api.loading.load_vlm", no_load)
     value = value.replace("CKPT", str(tiny_llava_dir))
     out = tmp_path / "out"
