@@ -113,6 +113,38 @@ def _check_unlearn(args):
     get_method(config.method).trainable_modules(empty_model(run["model"]), config)
 
 
+JUDGE_HELP = ("keyword:LIST (LIST: vlguard, gcg, safety-mirage; the bare list name works too) or model:DIR[:TEMPLATE] "
+              "(a local judge model, asked only about answers the safety-mirage list does not refuse; TEMPLATE: "
+              "relevance (default), safety, or a text file holding {question} and {answer})")
+
+
+def _judge_spec(value):
+    """--judge parsed and checked (no model loaded): ("keyword", list) or ("model", dir, template, verdict)."""
+    from unlearn_engine.api.evaluation import REFUSAL_LISTS, RELEVANCE_TEMPLATE, SAFETY_TEMPLATE, check_template
+
+    kind, _, rest = value.partition(":")
+    if kind in REFUSAL_LISTS and not rest:
+        return ("keyword", kind)
+    if kind == "keyword":
+        require(rest in REFUSAL_LISTS, f"--judge {value}: unknown keyword list {rest!r}; lists are {REFUSAL_LISTS}")
+        return ("keyword", rest)
+    require(kind == "model" and rest, f"--judge {value!r} is neither keyword:LIST nor model:DIR[:TEMPLATE] "
+                                      f"(lists: {', '.join(REFUSAL_LISTS)})")
+    path, _, template = rest.partition(":")
+    try:
+        check_checkpoint_dir(path)
+    except ValueError as err:
+        fail(f"--judge {value}: judge model {err}")
+    if template in ("", "relevance", "safety"):
+        return ("model", path, SAFETY_TEMPLATE if template == "safety" else RELEVANCE_TEMPLATE,
+                template or "relevance")
+    _check_input_file(template, f"--judge {value}: template")
+    with open(template, encoding="utf-8") as f:
+        text = f.read()
+    check_template(text, f"--judge {value}: template {template}")
+    return ("model", path, text, "auto")
+
+
 def _check_args(args):
     if args.command == "unlearn":
         _check_unlearn(args)
@@ -125,6 +157,7 @@ def _check_args(args):
         require(args.limit >= 0, f"--limit must be >= 0 (0: all prompts), got {args.limit}")
         require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
         require(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        _judge_spec(args.judge)
         from unlearn_engine.api.evaluation import ATTACKS
 
         attacks = args.attacks.split(",")
@@ -343,11 +376,23 @@ def _provenance(args, judge):
 
 
 def _cmd_asr(args):
-    from unlearn_engine.api.evaluation import RefusalJudge, bar_chart, evaluate, markdown_table, write_json
+    from unlearn_engine.api.evaluation import (
+        ModelJudge,
+        RefusalJudge,
+        bar_chart,
+        evaluate,
+        markdown_table,
+        write_json,
+    )
 
     harmful = _read_prompt_file(args.harmful, args.limit, harmful=True)
     safe = _read_prompt_file(args.safe, args.limit, harmful=False) if args.safe else []
-    judge = RefusalJudge(args.judge)
+    spec = _judge_spec(args.judge)
+    if spec[0] == "keyword":
+        judge = RefusalJudge(spec[1])
+    else:
+        judge = ModelJudge.from_pretrained(spec[1], spec[2], verdict=spec[3], dtype=args.dtype, device=args.device,
+                                           batch_size=args.batch_size)
     provenance = _provenance(args, judge)
     model, tokenizer, image_processor = _load_model(args)
     attacks = args.attacks.split(",")
@@ -365,6 +410,9 @@ def _cmd_asr(args):
                           image_processor=image_processor, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, progress=not args.no_progress, on_batch=on_batch)
     result["provenance"] = provenance
+    if isinstance(judge, ModelJudge):  # the judge model's counts and every raw verdict
+        provenance["judge"].update(judge.describe(), model_dir=os.path.abspath(spec[1]))
+        result["judge_outputs"] = judge.records
     row = {"model": _model_label(args.model)}
     row.update({f"asr_{a}": r["rate"] for a, r in result["asr"].items()})
     if "over_refusal" in result:
@@ -520,7 +568,7 @@ def build_parser():
                      help="AdvBench / FigStep CSV, XSTest CSV (its unsafe rows) or JSONL of harmful prompts")
     asr.add_argument("--safe", help="XSTest CSV (its safe rows) or JSONL of benign prompts")
     asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
-    asr.add_argument("--judge", default="vlguard", choices=["vlguard", "gcg"], help="refusal keyword list")
+    asr.add_argument("--judge", default="vlguard", help=JUDGE_HELP + " (default: vlguard)")
     asr.add_argument("--attacks", default="text,one_word",
                      help="comma-separated: text, one_word, figstep (figstep needs a saved image processor)")
     asr.add_argument("--max-new-tokens", type=int, default=64)

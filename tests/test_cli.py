@@ -565,10 +565,8 @@ def test_bench_outside_a_checkout_exits_2(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     [], ["nocommand"], ["info", "--bogus"], ["unlearn", "--model", "m", "--forget", "f", "--out", "o", "--method",
                                               "bogus"],
-    ["asr", "--model", "m", "--harmful", "h", "--judge", "strict"], ["rai", "--model", "m"],
-    ["demo", "--seed", "x"], ["bench", "-k"],
-], ids=["none", "unknown-command", "info-flag", "unlearn-method", "asr-judge", "rai-no-prompt", "demo-seed",
-        "bench-k-no-value"])
+    ["rai", "--model", "m"], ["demo", "--seed", "x"], ["bench", "-k"],
+], ids=["none", "unknown-command", "info-flag", "unlearn-method", "rai-no-prompt", "demo-seed", "bench-k-no-value"])
 def test_usage_errors_exit_2(argv, capsys):
     """Catches a usage error that does not exit 2 with argparse's `<prog>: error:` line (usage above it)."""
     with pytest.raises(SystemExit) as exit_:
