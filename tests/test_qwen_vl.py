@@ -132,3 +132,33 @@ def test_rai_on_the_merger_equals_reference_projection(qwen_dir):
     assert int((want != raw["x"]).any(-1).sum()) == 2  # ceil(0.5 * 4) tokens amplified
     assert len(rai.records) == 1 and rai.records[0].shape == (1, 4)
     assert torch.equal(_layer0_input(model, inputs), base)  # detached: back to the original
+
+
+def test_image_tokens_per_image_size(qwen_dir):
+    """One token per 2x2 merged 4x4 patches: the count the model checks against its <|image_pad|> tokens."""
+    from unlearn_engine.api.data import image_tokens
+
+    model, tok = ue.load_vlm(str(qwen_dir[1]), dtype="float32")
+    assert image_tokens(model, (16, 16)) == 4 and image_tokens(model, (16, 24)) == 6
+    inputs = _inputs(model, tok)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == image_tokens(model, (16, 16))
+    with pytest.raises(ValueError, match=r"image_size: .*depends on its \(H, W\)"):
+        image_tokens(model)
+    with pytest.raises(ValueError, match=r"multiples of patch_size \* spatial_merge_size = 8, got \(12, 16\)"):
+        image_tokens(model, (12, 16))
+
+
+def test_generate_with_an_image(qwen_dir):
+    """Greedy decoding on an image prompt (the inputs evaluation.generate would have to pass: pixel patches,
+    image_grid_thw, mm_token_type_ids): its first token is the forward's argmax, and RAI's hook runs in
+    prefill only (decoding steps reuse the cache and never run the merger)."""
+    model, tok = ue.load_vlm(str(qwen_dir[1]), dtype="float32")
+    inputs = _inputs(model, tok)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        step = model(**inputs).logits[0, -1].argmax()
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4) and out[0, inputs["input_ids"].shape[1]] == step
+    with ue.RiskAwareness(model, tokenizer=tok, rank=4, top_fraction=0.5) as rai:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert len(rai.records) == 1
