@@ -307,12 +307,27 @@ def read_llava_json(path: str, role: str = "forget", *, image_root: str | None =
     return records
 
 
-def image_tokens(model) -> int:
-    """How many <image> tokens one image becomes in a LLaVA-style model (one per vision patch)."""
+def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
+    """How many image tokens one image becomes: LLaVA-style, one <image> per vision patch of the fixed image
+    size; Qwen2-VL / Qwen2.5-VL, one <|image_pad|> per spatial_merge_size^2 patches, which depends on the
+    image, so it needs image_size=(H, W) (multiples of patch_size * spatial_merge_size)."""
     vision = getattr(model.config, "vision_config", None)
     if vision is None:
         raise ValueError(f"{type(model).__name__} has no vision_config: it takes no images")
-    return (vision.image_size // vision.patch_size) ** 2
+    merge = getattr(vision, "spatial_merge_size", None)
+    if merge is None:
+        return (vision.image_size // vision.patch_size) ** 2
+    if image_size is None:
+        raise ValueError(f"image_size: {type(model).__name__} turns each image into a number of tokens that "
+                         "depends on its (H, W); expected image_size=(H, W), got None (image records are not "
+                         "yet encoded for Qwen-VL models: they need pixel patches, image_grid_thw and "
+                         "mm_token_type_ids)")
+    unit = vision.patch_size * merge
+    height, width = image_size
+    if height % unit or width % unit or height < unit or width < unit:
+        raise ValueError(f"image_size must be positive multiples of patch_size * spatial_merge_size = {unit}, "
+                         f"got {tuple(image_size)}")
+    return (height // unit) * (width // unit)
 
 
 def prompt_text(tokenizer, prompt: str) -> str:

@@ -6,6 +6,9 @@ A checkpoint folder holds config.json and model.safetensors, or a sharded model.
 Both LLaVA key layouts are accepted: the old one (language_model.model.*, vision_tower.*,
 multi_modal_projector.*) and the current one (model.language_model.*, ...).
 
+Supported architectures (SUPPORTED_VLMS; any other VLM is refused with this list): LLaVA (model_type "llava"),
+Qwen2-VL ("qwen2_vl") and Qwen2.5-VL ("qwen2_5_vl"), plus text-only causal LMs known to transformers.
+
 The weights are read by transformers' own `from_pretrained` (the model is built on the meta device and filled
 from the memory-mapped safetensors in the dtype asked for: no fp32 copy with random weights), after our checks
 have read only the files' headers: safetensors only (never a pickle), every shard present, no missing,
@@ -48,16 +51,33 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# model_type -> the transformers class: the VLM families whose module layout (decoder, visual tokens, image
+# inputs) the rest of the package knows
+SUPPORTED_VLMS = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def _unsupported(config, why: str) -> CheckpointError:
+    return CheckpointError(f"unsupported architecture: model_type={config.model_type!r} {why}; supported: "
+                           f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED_VLMS.items())} and text-only causal LMs")
+
+
 def _model_class(config):
     import transformers
 
-    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
-        try:
-            return auto._model_mapping[type(config)]
-        except KeyError:
-            continue
-    raise CheckpointError(f"unsupported architecture: model_type={config.model_type!r} is neither an image-text-to-"
-                          "text model nor a causal LM known to this transformers version")
+    if config.model_type in SUPPORTED_VLMS:
+        return getattr(transformers, SUPPORTED_VLMS[config.model_type])
+    if type(config) in transformers.AutoModelForImageTextToText._model_mapping or \
+            getattr(config, "vision_config", None) is not None:
+        raise _unsupported(config, "is a vision-language model this package does not support")
+    try:
+        return transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise _unsupported(config, "is neither a supported VLM nor a causal LM known to this transformers "
+                           "version") from None
 
 
 def _shard_files(path) -> Dict[str, list]:

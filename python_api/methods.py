@@ -22,13 +22,19 @@ from unlearn_engine.unlearning_loss import rmu_loss
 
 
 def language_model(model):
-    """The decoder stack of a causal LM or a LLaVA-style VLM."""
+    """The decoder stack of a causal LM or a LLaVA / Qwen2-VL / Qwen2.5-VL model."""
     inner = model.base_model
     return getattr(inner, "language_model", inner)
 
 
 def multimodal_projector(model):
-    return getattr(model.base_model, "multi_modal_projector", None)
+    """The module that maps vision features to the language model's embedding space: LLaVA's
+    multi_modal_projector, Qwen-VL's visual.merger; None for a text-only model."""
+    inner = model.base_model
+    projector = getattr(inner, "multi_modal_projector", None)
+    if projector is None and getattr(inner, "visual", None) is not None:
+        projector = getattr(inner.visual, "merger", None)
+    return projector
 
 
 class UnlearningMethod:

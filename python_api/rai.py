@@ -1,10 +1,11 @@
-"""Attach Risk Awareness Injection to a LLaVA-family model by forward hooks (removable).
+"""Attach Risk Awareness Injection to a LLaVA or Qwen2-VL / Qwen2.5-VL model by forward hooks (removable).
 
     with ue.RiskAwareness(model, tokenizer=tok, rank=8, top_fraction=0.1, strength=2.0) as rai:
         out = model.generate(**inputs)
     rai.records  # per-image risk scores of every prefill
 
-The hook sits on the multimodal projector's output: the visual tokens in the language model's embedding
+The hook sits on the multimodal projector's output (Qwen-VL: the patch merger's, (N, H) for all images of
+the batch at once, scored as one sequence): the visual tokens in the language model's embedding
 space, computed during prefill only (decoding steps reuse the cache and never run the projector). Text
 tokens are never touched.
 """
@@ -16,11 +17,15 @@ from unlearn_engine.risk_projection import concept_embeddings, risk_project, ris
 
 
 def find_projector(model):
+    """(name, module) whose output is the visual tokens in the language model's embedding space: LLaVA's
+    multi_modal_projector (or mm_projector / visual_projection), Qwen2-VL / Qwen2.5-VL's visual.merger."""
     for name, module in model.named_modules():
-        if name.split(".")[-1] in ("multi_modal_projector", "mm_projector", "visual_projection"):
+        parts = name.split(".")
+        if parts[-1] in ("multi_modal_projector", "mm_projector", "visual_projection") or \
+                parts[-2:] == ["visual", "merger"]:
             return name, module
     raise ValueError(f"{type(model).__name__} has no detectable visual tokens: no multimodal projector "
-                     "(multi_modal_projector / mm_projector) was found")
+                     "(multi_modal_projector / mm_projector / visual.merger) was found")
 
 
 class RiskAwareness:
