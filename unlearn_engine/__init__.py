@@ -23,6 +23,14 @@ from unlearn_engine.api.data import (
     read_xstest,
     write_jsonl,
 )
+from unlearn_engine.api.evaluation import (
+    KnowledgeJudge,
+    ModelJudge,
+    RefusalJudge,
+    attack_success_rate,
+    evaluate,
+    over_refusal_rate,
+)
 from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
 from unlearn_engine.api.methods import UnlearningMethod, register_method
 from unlearn_engine.api.rai import RiskAwareness
@@ -60,5 +68,6 @@ __all__ = [
     "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
     "read_xstest", "read_figstep", "write_jsonl", "read_vlguard", "read_llava_json", "group_queries",
     "Unlearner", "UnlearnConfig", "UnlearningMethod",
+    "evaluate", "RefusalJudge", "KnowledgeJudge", "ModelJudge", "attack_success_rate", "over_refusal_rate",
     "register_method", "mean_nll", "trainer_loss",
 ]
