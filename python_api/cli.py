@@ -415,8 +415,12 @@ def _cmd_asr(args):
         result["judge_outputs"] = judge.records
     row = {"model": _model_label(args.model)}
     row.update({f"asr_{a}": r["rate"] for a, r in result["asr"].items()})
+    # grouped records (the one-word sets): asr_* and over_refusal are per variant, *_per_query per query
+    row.update({f"asr_{a}_per_query": r["rate"] for a, r in result.get("asr_per_query", {}).items()})
     if "over_refusal" in result:
         row["over_refusal"] = result["over_refusal"]["rate"]
+    if "over_refusal_per_query" in result:
+        row["over_refusal_per_query"] = result["over_refusal_per_query"]["rate"]
     row["degenerate"] = result["summary"]["degenerate_rate"]
     row["utility"] = result["utility"]["score"]
     table = markdown_table([row], list(row))
