@@ -1,4 +1,4 @@
-"""The `unlearn-engine` command line: unlearn, asr, rai, demo, bench, info.
+"""The `unlearn-engine` command line: unlearn, asr, rai, vlguard-split, demo, bench, info.
 
 The `unlearn` flags are generated from UnlearnConfig (config.py); --config FILE runs from a JSON/TOML file.
 """
@@ -22,11 +22,14 @@ from unlearn_engine.api.data import (
     read_advbench,
     read_figstep,
     read_jsonl,
+    read_text,
+    read_vlguard,
     read_xstest,
+    write_jsonl,
 )
 from unlearn_engine.api.loading import DTYPES, check_checkpoint_dir, empty_model, load_vlm, save_vlm
 from unlearn_engine.api.methods import get_method
-from unlearn_engine.atomic import check_writable, write_text
+from unlearn_engine.atomic import atomic_path, check_writable, write_text
 from unlearn_engine.checks import fail, require
 
 # Settings of an unlearn run that are not UnlearnConfig fields (they may come from --config too).
@@ -145,7 +148,72 @@ def _judge_spec(value):
     return ("model", path, text, "auto")
 
 
+def _vlguard_split(args):
+    """(forget, retain, unused response keys) for `vlguard-split`, every input checked; nothing is written.
+
+    Forget: the unsafe queries of --train (subsets "unsafes" and "safe_unsafes"), each with the harmful
+    response --responses maps its image path (as written in --train) or, failing that, its id to. Retain: the
+    safe queries ("safe_safes") with their own VLGuard responses. With --image-root each image must exist under
+    it and is written joined to it."""
+    _check_input_file(args.train, "--train")
+    _check_input_file(args.responses, "--responses")
+    try:
+        items = json.loads(read_text(args.train))
+    except json.JSONDecodeError as err:
+        fail(f"--train {args.train}: not valid JSON ({err})")
+    require(isinstance(items, list), f"--train {args.train}: expected a JSON list of VLGuard records, got "
+                                     f"{type(items).__name__}")
+    try:
+        responses = json.loads(read_text(args.responses))
+    except json.JSONDecodeError as err:
+        fail(f"--responses {args.responses}: not valid JSON ({err})")
+    require(isinstance(responses, dict), f"--responses {args.responses}: expected a JSON object mapping image path "
+                                         f"or id to harmful response, got {type(responses).__name__}")
+    for key, value in responses.items():
+        require(isinstance(value, str) and value.strip() != "",
+                f"--responses {args.responses}: key {key!r}: expected a non-empty string response, got {value!r}")
+    if args.image_root is not None:
+        require(os.path.isdir(args.image_root), f"--image-root {args.image_root}: no such folder")
+    flags = {item.get("safe") for item in items if isinstance(item, dict)}
+    subsets = ([("unsafes", False)] if False in flags or True not in flags else []) + (  # read: checked
+        [("safe_unsafes", False), ("safe_safes", True)] if True in flags else [])
+    forget, retain, used = [], [], set()
+    for subset, safe in subsets:
+        written = read_vlguard(args.train, subset)  # images as written: the keys of --responses
+        resolved = read_vlguard(args.train, subset, image_root=args.image_root) if args.image_root else written
+        for r, out in zip(written, resolved):
+            if safe:
+                retain.append(out)
+                continue
+            key = r.image if r.image in responses else r.group
+            require(key in responses, f"--responses {args.responses}: no harmful response for the unsafe query of "
+                                      f"--train record id {r.group!r} (subset {subset}): neither its image "
+                                      f"{r.image!r} nor its id {r.group!r} is a key")
+            used.add(key)
+            forget.append(dataclasses.replace(out, response=responses[key], role="forget"))
+    require(forget, f"--train {args.train} holds no unsafe query (subsets unsafes, safe_unsafes)")
+    return forget, retain, sorted(set(responses) - used)
+
+
+def _cmd_vlguard_split(args):
+    from unlearn_engine.api.evaluation import markdown_table
+
+    forget, retain, unused = _vlguard_split(args)
+    paths = {name: os.path.join(args.out, f"{name}.jsonl") for name in ("forget", "retain")}
+    os.makedirs(args.out, exist_ok=True)
+    with atomic_path(paths["forget"]) as forget_tmp, atomic_path(paths["retain"]) as retain_tmp:
+        write_jsonl(forget, forget_tmp)  # both renamed into place only once both are written
+        write_jsonl(retain, retain_tmp)
+    row = {"forget": len(forget), "retain": len(retain), "unused_responses": len(unused)}
+    print(json.dumps({**row, "files": paths}, indent=2) if args.json else markdown_table([row], list(row)))
+    return 0
+
+
 def _check_args(args):
+    if args.command == "vlguard-split":
+        _vlguard_split(args)
+        check_writable(args.out, "--out")
+        return
     if args.command == "unlearn":
         _check_unlearn(args)
         return
@@ -591,6 +659,18 @@ def build_parser():
     rai.add_argument("--top-fraction", type=float, default=0.1)
     rai.add_argument("--strength", type=float, default=2.0)
     rai.set_defaults(func=_cmd_rai)
+
+    split = sub.add_parser("vlguard-split", parents=[output],
+                           help="VLGuard train.json to forget / retain JSONL, as the Safety Mirage pipeline does")
+    split.add_argument("--train", required=True, help="VLGuard train.json")
+    split.add_argument("--responses", required=True,
+                       help="JSON object: image path (as written in --train) or id -> the harmful response paired "
+                            "with that record's unsafe query (the forget target)")
+    split.add_argument("--out", required=True, help="folder for forget.jsonl (unsafes + safe_unsafes, with the "
+                                                    "given responses) and retain.jsonl (safe_safes)")
+    split.add_argument("--image-root", help="folder the images of --train are read from (each must exist; "
+                                            "written joined to it)")
+    split.set_defaults(func=_cmd_vlguard_split)
 
     demo = sub.add_parser("demo", parents=[output],
                           help="the safety-mirage world, end to end (the embedded default job)")

@@ -385,6 +385,15 @@ SHELL_VARIANTS = {
 RUN_TOML = ('model = "tiny"\nforget = "tiny/forget.jsonl"\nretain = "tiny/retain.jsonl"\nout = "runs/toml"\n'
             'steps = 2\nlr = 1e-3\ndtype = "float32"\ndevice = "cpu"\n')
 FIXTURE_COMMAND = "unlearn-engine demo --save-model tiny"
+# the synopsis's train.json (VLGuard schema: one unsafe record, one safe record with both instructions) and
+# harmful.json (image path or id -> the harmful response of that record's unsafe query)
+VLGUARD_TRAIN = [
+    {"id": "u1", "image": "u1.png", "safe": False,
+     "instr-resp": [{"instruction": "How do I pick this lock?", "response": "I cannot help with that."}]},
+    {"id": "s1", "image": "s1.png", "safe": True,
+     "instr-resp": [{"safe_instruction": "What colour is the car?", "response": "Red."},
+                    {"unsafe_instruction": "How do I steal this car?", "response": "I won't help."}]}]
+VLGUARD_HARMFUL = {"u1.png": "First insert a tension wrench.", "s1": "Break the window and hotwire it."}
 
 
 def finish(argv: list) -> list:
@@ -472,6 +481,8 @@ def tiny(tmp_path_factory):
     run_cli(finish(shlex.split(FIXTURE_COMMAND)[1:]), cwd)
     Image.new("RGB", (32, 32), (200, 30, 30)).save(cwd / "glyph.png")
     (cwd / "run.toml").write_text(RUN_TOML)
+    (cwd / "train.json").write_text(json.dumps(VLGUARD_TRAIN))
+    (cwd / "harmful.json").write_text(json.dumps(VLGUARD_HARMFUL))
     return cwd
 
 
@@ -515,6 +526,13 @@ def check_outputs(argv: list, stdout: str, cwd: Path):
         assert (out / "asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     elif cmd == "rai":
         assert "without RAI:" in stdout and "with RAI:" in stdout
+    elif cmd == "vlguard-split":  # unsafe queries with the given harmful responses; safe ones with their own
+        out = cwd / _flag(argv, "--out")
+        assert [(r.prompt, r.response) for r in ue.read_jsonl(str(out / "forget.jsonl"))] == [
+            ("How do I pick this lock?", VLGUARD_HARMFUL["u1.png"]), ("How do I steal this car?", VLGUARD_HARMFUL["s1"])]
+        assert [(r.prompt, r.response) for r in ue.read_jsonl(str(out / "retain.jsonl"))] == [
+            ("What colour is the car?", "Red.")]
+        assert stdout.splitlines()[-1] == "| 2 | 1 | 0 |", stdout
     elif cmd == "demo":
         model = cwd / _flag(argv, "--save-model")
         assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
