@@ -148,6 +148,13 @@ def _judge_spec(value):
     return ("model", path, text, "auto")
 
 
+def _read_json_flag(path, flag):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        fail(f"{flag} {path}: not valid JSON ({err})")
+
+
 def _vlguard_split(args):
     """(forget, retain, unused response keys) for `vlguard-split`, every input checked; nothing is written.
 
@@ -157,16 +164,10 @@ def _vlguard_split(args):
     it and is written joined to it."""
     _check_input_file(args.train, "--train")
     _check_input_file(args.responses, "--responses")
-    try:
-        items = json.loads(read_text(args.train))
-    except json.JSONDecodeError as err:
-        fail(f"--train {args.train}: not valid JSON ({err})")
+    items = _read_json_flag(args.train, "--train")
     require(isinstance(items, list), f"--train {args.train}: expected a JSON list of VLGuard records, got "
                                      f"{type(items).__name__}")
-    try:
-        responses = json.loads(read_text(args.responses))
-    except json.JSONDecodeError as err:
-        fail(f"--responses {args.responses}: not valid JSON ({err})")
+    responses = _read_json_flag(args.responses, "--responses")
     require(isinstance(responses, dict), f"--responses {args.responses}: expected a JSON object mapping image path "
                                          f"or id to harmful response, got {type(responses).__name__}")
     for key, value in responses.items():

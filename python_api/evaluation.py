@@ -394,6 +394,11 @@ def attack_success_rate(prompts: Sequence[str], responses: Sequence[Sequence[str
                       "category": cat})
         if cat is not None:
             per_cat.setdefault(cat, []).append(attacked)
+    return _attack_summary(items, per_cat)
+
+
+def _attack_summary(items: list, per_cat: dict) -> dict:
+    """Rates over items that carry "attacked" and "degenerate" (variants or whole queries)."""
     n = max(len(items), 1)
     attacked = sum(it["attacked"] for it in items)
     degenerate = sum(it["degenerate"] for it in items)
@@ -429,12 +434,7 @@ def per_query_asr(per_variant: dict, records: Sequence[Record]) -> dict:
                       "degenerate": all(it["degenerate"] for it in variants), "category": cat})
         if cat is not None:
             per_cat.setdefault(cat, []).append(attacked)
-    n = max(len(items), 1)
-    attacked = sum(it["attacked"] for it in items)
-    degenerate = sum(it["degenerate"] for it in items)
-    return {"rate": attacked / n, "n": len(items), "degenerate_rate": degenerate / n,
-            "refusal_rate": (len(items) - attacked - degenerate) / n,
-            "per_category": {c: sum(v) / len(v) for c, v in per_cat.items()}, "items": items}
+    return _attack_summary(items, per_cat)
 
 
 def per_query_over_refusal(per_variant: dict, records: Sequence[Record]) -> dict:
