@@ -28,8 +28,8 @@ from unlearn_engine.atomic import atomic_dir, write_text
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-__all__ = ["save_checkpoint", "load_latest", "find_checkpoint", "apply_checkpoint", "list_checkpoints",
-           "fingerprint_mismatch"]
+__all__ = ["save_checkpoint", "find_checkpoint", "apply_checkpoint", "list_checkpoints", "read_state",
+           "fingerprint_mismatch", "check_same_run"]
 
 
 def _flatten_optimizer(state_dict):
@@ -89,6 +89,18 @@ def fingerprint_mismatch(saved: dict | None, current: dict) -> list:
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
+def check_same_run(path: str, saved: dict | None, current: dict, *, known_only: bool = False) -> None:
+    """ValueError naming the differing fields when checkpoint `path`, whose fingerprint is `saved`, belongs to
+    another run than `current`; known_only compares just the fields `current` has (those known before the model
+    is loaded)."""
+    if known_only and isinstance(saved, dict):
+        saved = {k: v for k, v in saved.items() if k in current}
+    differ = fingerprint_mismatch(saved, current)
+    if differ:
+        raise ValueError(f"checkpoint {path} belongs to another run; differing: {'; '.join(differ)} "
+                         "(resume with the same settings, or use another output folder)")
+
+
 def _tensors(path, name):
     file = os.path.join(path, name)
     if not os.path.isfile(file):
@@ -114,7 +126,8 @@ def _expected_state(optimizer, i, p, key):
     return tuple(p.shape), p.dtype
 
 
-def _read_state(path):
+def read_state(path: str) -> dict:
+    """A checkpoint's state.json, checked (CheckpointError naming the file when missing or malformed)."""
     state_file = os.path.join(path, "state.json")
     try:
         with open(state_file) as f:
@@ -183,12 +196,9 @@ def find_checkpoint(directory, named_params, optimizer, fingerprint: dict | None
     problems = []
     for _, path in candidates:
         try:
-            state = _read_state(path)
+            state = read_state(path)
             if fingerprint is not None:  # another run's checkpoint is refused, not skipped
-                differ = fingerprint_mismatch(state.get("fingerprint"), fingerprint)
-                if differ:
-                    raise ValueError(f"checkpoint {path} belongs to another run; differing: {'; '.join(differ)} "
-                                     "(resume with the same settings, or use another output folder)")
+                check_same_run(path, state.get("fingerprint"), fingerprint)
             return _read(path, state, named_params, optimizer)
         except CheckpointError as err:
             warnings.warn(f"{err}; falling back to an older checkpoint", stacklevel=2)
@@ -211,8 +221,3 @@ def apply_checkpoint(ckpt, named_params, optimizer, device):
     random.setstate(ckpt["python_random"])
     return ckpt["state"]
 
-
-def load_latest(directory, named_params, optimizer, device, fingerprint: dict | None = None):
-    """Restores params, optimizer and RNG from the newest intact checkpoint; returns its state dict (or None)."""
-    ckpt = find_checkpoint(directory, named_params, optimizer, fingerprint)
-    return None if ckpt is None else apply_checkpoint(ckpt, named_params, optimizer, device)

@@ -27,7 +27,14 @@ from unlearn_engine.api.data import (
     read_xstest,
     write_jsonl,
 )
-from unlearn_engine.api.loading import DTYPES, check_checkpoint_dir, empty_model, load_vlm, save_vlm
+from unlearn_engine.api.loading import (
+    DTYPES,
+    check_checkpoint_dir,
+    empty_model,
+    load_promptable,
+    load_vlm,
+    save_vlm,
+)
 from unlearn_engine.api.methods import get_method
 from unlearn_engine.atomic import atomic_path, check_writable, write_text
 from unlearn_engine.checks import fail, require
@@ -55,11 +62,9 @@ def _cmd_info(args):
 
 def _load_model(args):
     """(model, tokenizer, image processor or None) from --model; a saved processor carries both."""
-    model, processor = load_vlm(args.model, dtype=args.dtype, device=args.device,
-                                check_finite=not getattr(args, "skip_finite_check", False))
-    if processor is None:
-        raise ValueError(f"--model {args.model} has no tokenizer files: prompts cannot be encoded")
-    return model, getattr(processor, "tokenizer", processor), getattr(processor, "image_processor", None)
+    loaded = load_promptable(args.model, dtype=args.dtype, device=args.device,
+                             check_finite=not getattr(args, "skip_finite_check", False))
+    return loaded.model, loaded.tokenizer, loaded.image_processor
 
 
 # ---------------------------------------------------------------- checks made before any heavy work
@@ -78,10 +83,14 @@ def _check_device(device):
         require(dev.type == "cpu", f"--device {device}: only cpu and cuda devices are supported")
 
 
+def _check_model(model, dtype, device):
+    require(dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _check_device(device)
+    check_checkpoint_dir(model)
+
+
 def _check_model_flags(args):
-    require(args.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
-    _check_device(args.device)
-    check_checkpoint_dir(args.model)
+    _check_model(args.model, args.dtype, args.device)
 
 
 def _check_input_file(path, flag):
@@ -101,19 +110,40 @@ def _check_image(path, flag="--image"):
         fail(f"{flag} {path} is not a readable image ({err})")
 
 
-def _check_unlearn(args):
-    """Everything an unlearn run can be refused for, checked before any model is loaded or file written."""
+def _prepare_unlearn(args) -> argparse.Namespace:
+    """Everything an unlearn run can be refused for, checked before any model is loaded or file written (loading
+    a 7B takes minutes); returns what was read (run settings, config, records, fingerprint) for the run itself."""
+    from unlearn_engine.api.checkpoint import list_checkpoints
+    from unlearn_engine.api.unlearner import check_resume_settings
+
     run, config = _unlearn_settings(args)
+    records = {}
     for key in ("forget", "retain"):
         if run[key]:
             _check_input_file(run[key], f"--{key}")
-            read_jsonl(run[key], role=key)
-    require(run["dtype"] in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {run['dtype']!r}")
-    _check_device(run["device"])
-    check_checkpoint_dir(run["model"])
-    check_writable(run["out"], "--out")
+        records[key] = read_jsonl(run[key], role=key) if run[key] else []
+    _check_model(run["model"], run["dtype"], run["device"])
+    out = run["out"]
+    check_writable(out, "--out")
     # settings only the model can judge (e.g. --rmu-layer against its layer count): on an empty (meta) model
     get_method(config.method).trainable_modules(empty_model(run["model"]), config)
+    forget, retain = records["forget"], records["retain"]
+    require(not get_method(config.method).needs_retain or bool(retain),
+            f"method {config.method!r} needs retain records (--retain)")
+    root = run["image_root"]
+    require(root is None or os.path.isdir(root), f"--image-root {root} is not a directory")
+    for r in forget + retain:
+        if r.image and not os.path.isfile(os.path.join(root or "", r.image)):
+            fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
+                 + ("" if root else " (relative paths are resolved against --image-root)"))
+    fingerprint = {"model_path": os.path.abspath(run["model"])}
+    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
+    if checkpoints and not run["resume"]:
+        fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
+             "pass --resume to continue it, or choose another --out")
+    if run["resume"]:  # another run's checkpoints are refused now, not after the model load
+        check_resume_settings(os.path.join(out, "checkpoints"), config, forget, retain, fingerprint)
+    return argparse.Namespace(run=run, config=config, forget=forget, retain=retain, fingerprint=fingerprint)
 
 
 JUDGE_HELP = ("keyword:LIST (LIST: vlguard, gcg, safety-mirage; the bare list name works too) or model:DIR[:TEMPLATE] "
@@ -199,7 +229,7 @@ def _vlguard_split(args):
 def _cmd_vlguard_split(args):
     from unlearn_engine.api.evaluation import markdown_table
 
-    forget, retain, unused = _vlguard_split(args)
+    forget, retain, unused = args.prepared  # checked and read by _check_args
     paths = {name: os.path.join(args.out, f"{name}.jsonl") for name in ("forget", "retain")}
     os.makedirs(args.out, exist_ok=True)
     with atomic_path(paths["forget"]) as forget_tmp, atomic_path(paths["retain"]) as retain_tmp:
@@ -211,13 +241,14 @@ def _cmd_vlguard_split(args):
 
 
 def _check_args(args):
+    """Checks a command's flags, files and output folder before any heavy work; returns what it read that the
+    command uses (unlearn, vlguard-split), else None."""
     if args.command == "vlguard-split":
-        _vlguard_split(args)
+        split = _vlguard_split(args)
         check_writable(args.out, "--out")
-        return
+        return split
     if args.command == "unlearn":
-        _check_unlearn(args)
-        return
+        return _prepare_unlearn(args)
     if args.command == "asr":
         _check_model_flags(args)
         _check_input_file(args.harmful, "--harmful")
@@ -280,9 +311,9 @@ def _unlearn_settings(args):
 
 
 def _cmd_unlearn(args):
-    run, config = _unlearn_settings(args)
+    prep = args.prepared  # checked and read by _check_args, before any model is loaded
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return _unlearn(args, run, config)
+        return _unlearn(args, prep)
     import torch.distributed as dist  # launched by torchrun: data parallel
 
     started_here = not dist.is_initialized()
@@ -290,9 +321,9 @@ def _cmd_unlearn(args):
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        run["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        prep.run["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
-        return _unlearn(args, run, config)
+        return _unlearn(args, prep)
     finally:
         if started_here:
             # every rank waits for rank 0's writes, then leaves together: a rank that exits while the others
@@ -301,58 +332,19 @@ def _cmd_unlearn(args):
             dist.destroy_process_group()
 
 
-def _unlearn(args, run, config):
-    from unlearn_engine.api.checkpoint import list_checkpoints
-    from unlearn_engine.api.unlearner import Unlearner, check_resume_settings, mean_nll
-    from unlearn_engine.checks import fail, require
+def _unlearn(args, prep):
+    from unlearn_engine.api.unlearner import Unlearner, mean_nll
 
-    # Everything that can be checked without the model is checked before it is loaded (minutes for a 7B).
-    forget = read_jsonl(run["forget"], role="forget")
-    retain = read_jsonl(run["retain"], role="retain") if run["retain"] else []
-    require(not get_method(config.method).needs_retain or bool(retain),
-            f"method {config.method!r} needs retain records (--retain)")
-    model_path = run["model"]
-    require(os.path.isdir(model_path), f"--model {model_path} is not a directory")
-    require(os.path.isfile(os.path.join(model_path, "config.json")), f"--model {model_path} has no config.json")
-    root = run["image_root"]
-    require(root is None or os.path.isdir(root), f"--image-root {root} is not a directory")
-    for r in forget + list(retain):
-        if r.image and not os.path.isfile(os.path.join(root or "", r.image)):
-            fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
-                 + ("" if root else " (relative paths are resolved against --image-root)"))
-    out = run["out"]
-    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out} exists and is not a folder")
-    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    require(os.access(parent, os.W_OK), f"--out {out}: {parent} is not writable")
-    fingerprint = {"model_path": os.path.abspath(model_path)}
-    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
-    if checkpoints and not run["resume"]:
-        fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
-             "pass --resume to continue it, or choose another --out")
-    if run["resume"]:  # another run's checkpoints are refused now, not after the model load
-        check_resume_settings(os.path.join(out, "checkpoints"), config, forget, retain, fingerprint)
-
-    model, processor = load_vlm(model_path, dtype=run["dtype"], device=run["device"])
-    if processor is None:
-        raise ValueError(f"{model_path} has no tokenizer files: prompts cannot be encoded")
-    tokenizer = getattr(processor, "tokenizer", processor)
+    run, config, forget, retain = prep.run, prep.config, prep.forget, prep.retain
+    model_path, out, root = run["model"], run["out"], run["image_root"]
+    model, processor, tokenizer, image_processor = load_promptable(model_path, dtype=run["dtype"],
+                                                                   device=run["device"])
     image_loader = None
-    if any(r.image for r in forget + list(retain)):
+    if any(r.image for r in forget + retain):
         image_tokens(model)  # a model without a vision tower cannot take image records: say so now
-        image_processor = getattr(processor, "image_processor", None)
-        size = model.config.vision_config.image_size
 
         def image_loader(path):
-            import numpy as np
-            from PIL import Image
-
-            image = Image.open(os.path.join(root or "", path)).convert("RGB")
-            if image_processor is not None:
-                return image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-            pixels = np.asarray(image.resize((size, size)), dtype=np.float32)
-            return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+            return _image_pixels(model, image_processor, os.path.join(root or "", path))[0]
     if int(os.environ.get("RANK", 0)) == 0:
         # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
         write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
@@ -361,7 +353,7 @@ def _unlearn(args, run, config):
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
     unlearner = Unlearner(model, tokenizer, config, out_dir=out, progress=not args.no_progress,
-                          fingerprint=fingerprint, image_loader=image_loader)
+                          fingerprint=prep.fingerprint, image_loader=image_loader)
     unlearner.fit(forget, retain, resume=run["resume"])
     if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
         state = unlearner.full_state_dict()
@@ -529,7 +521,7 @@ def _cmd_demo(args):
     return 0
 
 
-def _rai_pixels(model, image_processor, path):
+def _image_pixels(model, image_processor, path):
     """(1, 3, S, S) pixels of the image file: through the checkpoint's image processor when it has one (its
     resize and normalisation), else resized to the vision tower's size and scaled to [-1, 1]."""
     import numpy as np
@@ -549,7 +541,7 @@ def _cmd_rai(args):
     from unlearn_engine.api.rai import RiskAwareness
 
     model, tokenizer, image_processor = _load_model(args)
-    pixels = _rai_pixels(model, image_processor, args.image) if args.image else None
+    pixels = _image_pixels(model, image_processor, args.image) if args.image else None
     prompt = ("<image> " * image_tokens(model) if pixels is not None else "") + args.prompt
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords else None
     rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
@@ -696,7 +688,7 @@ USER_ERRORS = (ValueError, OSError)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        _check_args(args)  # arguments, files and the output folder, before any model is loaded
+        args.prepared = _check_args(args)  # arguments, files and the output folder, before any model is loaded
         return args.func(args)
     except KeyboardInterrupt:
         if args.debug:

@@ -204,12 +204,11 @@ class ModelJudge:
     def from_pretrained(cls, path: str, template: str | None = None, *, dtype="bfloat16", device="cpu", **kwargs):
         """A judge on the checkpoint folder `path` (safetensors + tokenizer files), read with the engine's loader:
         local files only, never the network."""
-        from unlearn_engine.api.loading import load_vlm
+        from unlearn_engine.api.loading import load_promptable
 
-        model, processor = load_vlm(path, dtype=dtype, device=device)
-        require(processor is not None, f"judge model {path} has no tokenizer files: prompts cannot be encoded")
-        kwargs.setdefault("image_processor", getattr(processor, "image_processor", None))
-        return cls(model, getattr(processor, "tokenizer", processor), template=template, **kwargs)
+        loaded = load_promptable(path, dtype=dtype, device=device, what="judge model")
+        kwargs.setdefault("image_processor", loaded.image_processor)
+        return cls(loaded.model, loaded.tokenizer, template=template, **kwargs)
 
     def _generate(self, prompts, images):
         pixel_values = None

@@ -16,7 +16,7 @@ unexpected or mis-shaped tensor. After loading, every weight is scanned for NaN/
 """
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -225,6 +225,24 @@ def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | tor
     if check_finite:
         _check_finite(model)
     return model, (_load_processor(path) if load_processor else None)
+
+
+class PromptableVLM(NamedTuple):
+    model: torch.nn.Module
+    processor: object
+    tokenizer: object
+    image_processor: object
+
+
+def load_promptable(path: str, dtype="bfloat16", device="cpu", *, check_finite: bool = True,
+                    what: str = "--model") -> PromptableVLM:
+    """load_vlm for a model that will be prompted: refuses a checkpoint without tokenizer files (ValueError
+    naming `what`), and splits the processor into its tokenizer and image processor (None when it has none)."""
+    model, processor = load_vlm(path, dtype=dtype, device=device, check_finite=check_finite)
+    if processor is None:
+        raise ValueError(f"{what} {path} has no tokenizer files: prompts cannot be encoded")
+    return PromptableVLM(model, processor, getattr(processor, "tokenizer", processor),
+                         getattr(processor, "image_processor", None))
 
 
 def _ties_embeddings(config) -> bool:

@@ -24,13 +24,15 @@ import torch
 
 from unlearn_engine.api.checkpoint import (
     apply_checkpoint,
+    check_same_run,
     find_checkpoint,
-    fingerprint_mismatch,
     list_checkpoints,
+    read_state,
     save_checkpoint,
 )
 from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
 from unlearn_engine.api.data import Record, encode, image_tokens
+from unlearn_engine.api.loading import CheckpointError
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
 from unlearn_engine.checks import require
@@ -55,6 +57,15 @@ class HeadLoss(torch.nn.Module):
                                   **options)
 
 
+def _on_model(encoded: dict, model: torch.nn.Module) -> dict:
+    """An encoded batch moved to the model's device, its pixel values in the model's dtype."""
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) for k, v in encoded.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+    return batch
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -72,15 +83,10 @@ def check_resume_settings(ckpt_dir: str, config: UnlearnConfig, forget, retain, 
     current = {**settings_fingerprint(config, forget, retain), **(extra or {})}
     for _, path in list_checkpoints(ckpt_dir):
         try:
-            with open(os.path.join(path, "state.json")) as f:
-                saved = json.load(f).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
+            saved = read_state(path).get("fingerprint")
+        except CheckpointError:
             continue  # unreadable: fit() warns and falls back past it
-        differ = fingerprint_mismatch({k: v for k, v in saved.items() if k in current} if isinstance(saved, dict)
-                                      else saved, current)
-        if differ:
-            raise ValueError(f"checkpoint {path} belongs to another run; differing: {'; '.join(differ)} "
-                             "(resume with the same settings, or use another output folder)")
+        check_same_run(path, saved, current, known_only=True)
         return
 
 
@@ -142,7 +148,7 @@ class Unlearner:
             self.ref_model.eval().requires_grad_(False)
         self.named_params = self._select_params()
         self.head_loss = HeadLoss(model.get_output_embeddings())
-        self.fsdp = self.world > 1 and config.parallel == "fsdp"
+        self.fsdp = sharded
         if self.fsdp:
             self._shard()
         self._ref_logp_cache = {}
@@ -285,10 +291,8 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        encoded = encode(records, self.tokenizer, max_length=self.config.max_length, **self._image_args(records))
-        batch = {k: v.to(self.device) for k, v in encoded.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(next(self.model.parameters()).dtype)
+        batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
+                                 **self._image_args(records)), self.model)
         batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
@@ -345,11 +349,8 @@ class Unlearner:
             for start in range(0, len(missing), self.config.batch_size):
                 idx = missing[start:start + self.config.batch_size]
                 records = [forget[i] for i in idx]
-                encoded = encode(records, self.tokenizer, max_length=self.config.max_length,
-                                 **self._image_args(records))
-                batch = {k: v.to(self.device) for k, v in encoded.items()}
-                if "pixel_values" in batch:
-                    batch["pixel_values"] = batch["pixel_values"].to(next(reference.parameters()).dtype)
+                batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
+                                         **self._image_args(records)), reference)
                 values = reference_logp(reference, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
                 for i, v in zip(idx, values.tolist()):
                     self._ref_logp_cache[("f", i)] = v
@@ -500,15 +501,12 @@ def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, ba
              max_length: int = 256, image_loader=None) -> float:
     """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path
     (records with no labelled token left after the max_length cut are not counted)."""
-    param = next(model.parameters())
     values = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
             else {}
-        batch = {k: v.to(param.device) for k, v in encode(chunk, tokenizer, max_length=max_length, **images).items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+        batch = _on_model(encode(chunk, tokenizer, max_length=max_length, **images), model)
         logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
         values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
     return float(torch.cat(values).mean())
