@@ -36,6 +36,7 @@ from unlearn_engine.api.methods import UnlearningMethod, register_method
 from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.trainer import trainer_loss
 from unlearn_engine.api.unlearner import Unlearner, mean_nll
+from unlearn_engine.fused_logprob import default_chunk_size
 from unlearn_engine.risk_projection import (
     DEFAULT_UNSAFE_KEYWORDS,
     concept_embeddings,
@@ -48,7 +49,6 @@ from unlearn_engine.unlearning_loss import (
     UnlearningLoss,
     UnlearningLossOutput,
     causal_lm_hidden,
-    default_chunk_size,
     reference_logp,
     rmu_loss,
     sequence_logprob,

@@ -1,19 +1,17 @@
 """Fused unlearning losses: per-sample GA / NPO forget terms, NLL / KL retain terms, RMU.
 
-The heavy lifting is in torch.ops.unlearn_engine (csrc/unlearning_loss). This module adds the
-fake (meta) kernels and autograd formulas that let the ops run under torch.compile, checks the
-arguments, and reduces per-token results to per-sample losses.
+The heavy lifting is in torch.ops.unlearn_engine (csrc/unlearning_loss); fused_logprob.py registers the op's fake
+kernels and autograd and exposes it as `group_objective`. This module checks the arguments and writes each
+objective as a group objective (one group per sample), then reduces to per-sample outputs.
 
-Two paths, chosen automatically:
-* linear objectives (forget "ga"; retain "nll", "kl" or None) with gradients wanted: the op
-  computes the gradients during the forward chunk walk (6 N H V flop), and backward only
-  scales them by grad_output;
-* otherwise (forget "npo", or no gradient): forward computes per-token log-likelihoods, and
-  backward recomputes each chunk's logits (8 N H V flop) with the per-token coefficients
-  that autograd hands it. Per-sample outputs are differentiable on this path.
+Two paths, chosen in group_objective:
+* linear objectives (forget "ga"; retain "nll", "kl" or None) with gradients wanted: the op computes the
+  gradients during the forward chunk walk (6 N H V flop), and backward only scales them by grad_output;
+* otherwise (forget "npo", or no gradient): forward computes per-token log-likelihoods, and backward
+  recomputes each chunk's logits (8 N H V flop) with the per-token coefficients that autograd hands it.
+  Per-sample outputs are differentiable on this path.
 """
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -22,39 +20,14 @@ from torch import Tensor
 
 from unlearn_engine._library import ops
 from unlearn_engine.checks import check_tensor, require
+from unlearn_engine.fused_logprob import _TokenLogprob, default_chunk_size, group_objective
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
 FORGET_OBJECTIVES = ("ga", "npo")
 RETAIN_OBJECTIVES = ("nll", "kl", None)
 
 
-# ----------------------------------------------------------------------------- op registrations
-def _grad_bias_like(bias, hidden):
-    # The op returns an empty fp32 tensor for the bias gradient when there is no bias.
-    return torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.register_fake("unlearn_engine::fused_logprob")
-def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
-    n = hidden.shape[0]
-    kl_len = n if ref_hidden is not None else 0
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(kl_len, dtype=torch.float32)
-
-
-@torch.library.register_fake("unlearn_engine::fused_logprob_backward")
-def _fused_logprob_backward_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp,
-                                 grad_kl, chunk_size):
-    return torch.empty_like(hidden), torch.empty_like(weight), _grad_bias_like(bias, hidden)
-
-
-@torch.library.register_fake("unlearn_engine::fused_linear_objective")
-def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp,
-                                 coef_kl, chunk_size):
-    logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
-    return (hidden.new_empty((), dtype=torch.float32), logp, kl, torch.empty_like(hidden),
-            torch.empty_like(weight), _grad_bias_like(bias, hidden))
-
-
+# ----------------------------------------------------------------------------- RMU op registration
 @torch.library.register_fake("unlearn_engine::rmu_loss")
 def _rmu_loss_fake(forget_act, control, retain_act, retain_ref, alpha):
     return forget_act.new_empty((), dtype=torch.float32)
@@ -63,69 +36,6 @@ def _rmu_loss_fake(forget_act, control, retain_act, retain_ref, alpha):
 @torch.library.register_fake("unlearn_engine::rmu_loss_backward")
 def _rmu_loss_backward_fake(grad, forget_act, control, retain_act, retain_ref, alpha):
     return torch.empty_like(forget_act), torch.empty_like(retain_act)
-
-
-def _fused_logprob_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
-    ctx.chunk_size = chunk_size
-    ctx.has_bias = bias is not None
-    ctx.has_ref = ref_hidden is not None
-
-
-def _fused_logprob_backward(ctx, grad_logp, grad_kl):
-    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias = ctx.saved_tensors
-    grad_kl = grad_kl.float().contiguous() if ctx.has_ref else None
-    grad_hidden, grad_weight, grad_bias = ops.fused_logprob_backward(
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp.float().contiguous(), grad_kl,
-        ctx.chunk_size)
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
-
-
-torch.library.register_autograd("unlearn_engine::fused_logprob", _fused_logprob_backward,
-                                setup_context=_fused_logprob_setup)
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """Differentiable fused_logprob for the general path: backward recomputes each chunk's logits with
-    the per-token coefficients autograd hands it. (Same formula as the op's register_autograd; a plain
-    autograd.Function lets the fresh gradient buffers reach .grad without a copy.)"""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
-        logp, kl = ops.fused_logprob(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
-        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
-        return logp, kl
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_kl):
-        return _fused_logprob_backward(ctx, grad_logp, grad_kl)
-
-
-class _LinearObjective(torch.autograd.Function):
-    """Differentiable wrapper of fused_linear_objective: gradients come from the forward walk.
-
-    A plain autograd.Function rather than register_autograd so that the gradient buffers reach .grad
-    without a copy (only `loss` is differentiable; logp and kl are diagnostics)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size):
-        loss, logp, kl, grad_hidden, grad_weight, grad_bias = ops.fused_linear_objective(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
-        ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(logp, kl)
-        return loss, logp, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_kl):
-        if ctx.grads is None:
-            raise RuntimeError("the fused linear-objective path of unlearning_loss supports one backward per "
-                               "forward (its gradients are made in the forward pass)")
-        grads, ctx.grads = ctx.grads, None
-        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in grads)  # in place: no 2nd V x H buffer
-        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None, None)
 
 
 def _rmu_setup(ctx, inputs, output):
@@ -146,32 +56,6 @@ torch.library.register_autograd("unlearn_engine::rmu_loss", _rmu_backward, setup
 
 
 # ----------------------------------------------------------------------------- argument checks
-# On a GPU the per-chunk weight-gradient GEMM (a V x H fp32 output, read and written once per chunk) turns
-# memory-bound when chunks are short: at V=151936, H=4096 a 432-row chunk streams the 1.2 GB weight twice and the
-# 2.5 GB fp32 gradient per chunk. At least this many rows keep it compute-bound (H100: ~990 TFLOP/s over 3.35 TB/s).
-GPU_MIN_CHUNK_ROWS = 1216
-GPU_CHUNK_WORKSPACE_BYTES = 1 << 30  # default cap on one chunk's logits (+ reference logits); UE_CHUNK_WORKSPACE_MB
-
-
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, *, element_size: int = 2,
-                       with_ref: bool = False, workspace_bytes: int | None = None) -> int:
-    """Rows per chunk. CPU: one chunk of logits is ~8M elements (32 MB fp32: 256 rows at V=32064, where the
-    per-chunk dW update stops costing more than the GEMMs save). GPU: ~64M elements, but never fewer than
-    GPU_MIN_CHUNK_ROWS rows (large V), within a workspace budget for the chunk's logits (element_size bytes each,
-    twice with reference logits): workspace_bytes, else $UE_CHUNK_WORKSPACE_MB, else 1 GiB."""
-    vocab_size = max(vocab_size, 1)
-    if device.type == "cpu":
-        rows = (1 << 23) // vocab_size
-    else:
-        if workspace_bytes is None:
-            mb = os.environ.get("UE_CHUNK_WORKSPACE_MB")
-            workspace_bytes = int(float(mb) * 2**20) if mb else GPU_CHUNK_WORKSPACE_BYTES
-        per_row = vocab_size * element_size * (2 if with_ref else 1)
-        rows = min(max((1 << 26) // vocab_size, GPU_MIN_CHUNK_ROWS), workspace_bytes // per_row)
-    rows = (max(16, rows) // 16) * 16
-    return max(1, min(rows, max(num_tokens, 1)))
-
-
 def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
                            ref_weight, ref_bias, beta, bias, chunk_size):
     check_tensor(hidden, "hidden", floating=True)
@@ -274,23 +158,21 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     forget_scale = forget_weight / is_forget.sum().clamp(min=1)
     retain_scale = retain_weight / is_retain.sum().clamp(min=1)
 
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if forget == "ga" and wants_grad:
-        # Linear in the token log-likelihoods and KLs: gradients are made in the forward walk.
-        sample_coef = torch.where(is_forget, forget_scale, zeros)
-        if retain == "nll":
-            sample_coef = sample_coef - torch.where(is_retain, retain_scale, zeros)
-        coef_logp = ((sample_coef / denom)[sample_index] * valid).contiguous()
-        coef_kl = None
-        if use_kl:
-            coef_kl = ((torch.where(is_retain, retain_scale, zeros) / denom)[sample_index] * valid).contiguous()
-        loss, token_logp, token_kl = _LinearObjective.apply(
-            hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, coef_logp, coef_kl, chunk)
+    # Each sample is a group of the fused objective (fused_logprob.group_objective).
+    forget_coef = torch.where(is_forget, forget_scale, zeros)
+    retain_coef = torch.where(is_retain, retain_scale, zeros)
+    if forget == "ga":
+        linear, sigmoid, shift = forget_coef, zeros, zeros
     else:
-        loss = None
-        token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, kl_hidden, kl_weight, kl_bias, chunk)
+        linear, sigmoid, shift = zeros, forget_coef, -ref_logp.float()
+    if retain == "nll":
+        linear = linear - retain_coef
+    coef_kl = ((retain_coef / denom)[sample_index] * valid).contiguous() if use_kl else None
+    loss, logp, terms, token_logp, token_kl = group_objective(
+        hidden, weight, labels, sample_index, linear, sigmoid, shift, denom, beta=beta, nonlinear=forget != "ga",
+        bias=bias, coef_kl=coef_kl, ref_hidden=kl_hidden, ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk)
 
-    logp = zeros.index_add(0, sample_index, token_logp)
+    # per_sample: each sample's own term, before the group weights
     mean_logp = logp / denom
     if forget == "ga":
         forget_term = mean_logp
@@ -303,11 +185,6 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     else:
         retain_term = zeros
     per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
-    per_sample = torch.where(counts > 0, per_sample, zeros)
-    if loss is None:
-        loss = forget_scale * (per_sample * is_forget).sum() + retain_scale * (per_sample * is_retain).sum()
-    else:
-        per_sample = per_sample.detach()
 
     if checking and not bool(torch.isfinite(loss)):
         _report_non_finite([("hidden", hidden), ("weight", weight), ("bias", bias), ("ref_logp", ref_logp),

@@ -1,0 +1,178 @@
+"""The fused linear + log-likelihood op (csrc/unlearning_loss/fused_logprob.cpp) seen from Python: fake
+kernels and autograd for torch.compile, the chunk-size rule, and `group_objective`, the one entry point the
+losses of unlearning_loss.py are written in.
+
+A group objective is a sum over token groups g (a sample, or a pooled set of samples) of
+    term_g = linear_g * m_g + sigmoid_g * (2 / beta) * softplus(beta * (m_g + shift_g)),   m_g = S_g / denom_g
+where S_g is the sum of the log-likelihoods of the group's labelled tokens, plus sum_t coef_kl_t * KL_t over
+tokens when reference logits are given. GA / NLL are linear (sigmoid_g = 0); NPO, SimNPO and retain-side NPO use
+the softplus part (shift = -ref, or +delta). Its gradient with respect to S_g is
+    (linear_g + 2 * sigmoid_g * sigmoid(beta * (m_g + shift_g))) / denom_g.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unlearn_engine._library import ops
+
+
+# ----------------------------------------------------------------------------- op registrations
+def _grad_bias_like(bias, hidden):
+    # The op returns an empty fp32 tensor for the bias gradient when there is no bias.
+    return torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.register_fake("unlearn_engine::fused_logprob")
+def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+    n = hidden.shape[0]
+    kl_len = n if ref_hidden is not None else 0
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(kl_len, dtype=torch.float32)
+
+
+@torch.library.register_fake("unlearn_engine::fused_logprob_backward")
+def _fused_logprob_backward_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp,
+                                 grad_kl, chunk_size):
+    return torch.empty_like(hidden), torch.empty_like(weight), _grad_bias_like(bias, hidden)
+
+
+@torch.library.register_fake("unlearn_engine::fused_linear_objective")
+def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp,
+                                 coef_kl, chunk_size):
+    logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
+    return (hidden.new_empty((), dtype=torch.float32), logp, kl, torch.empty_like(hidden),
+            torch.empty_like(weight), _grad_bias_like(bias, hidden))
+
+
+def _fused_logprob_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
+    ctx.chunk_size = chunk_size
+    ctx.has_bias = bias is not None
+    ctx.has_ref = ref_hidden is not None
+
+
+def _fused_logprob_backward(ctx, grad_logp, grad_kl):
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias = ctx.saved_tensors
+    grad_kl = grad_kl.float().contiguous() if ctx.has_ref else None
+    grad_hidden, grad_weight, grad_bias = ops.fused_logprob_backward(
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp.float().contiguous(), grad_kl,
+        ctx.chunk_size)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
+
+
+torch.library.register_autograd("unlearn_engine::fused_logprob", _fused_logprob_backward,
+                                setup_context=_fused_logprob_setup)
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """Differentiable fused_logprob for the general path: backward recomputes each chunk's logits with
+    the per-token coefficients autograd hands it. (Same formula as the op's register_autograd; a plain
+    autograd.Function lets the fresh gradient buffers reach .grad without a copy.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+        logp, kl = ops.fused_logprob(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
+        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
+        return logp, kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_kl):
+        return _fused_logprob_backward(ctx, grad_logp, grad_kl)
+
+
+class _LinearObjective(torch.autograd.Function):
+    """Differentiable wrapper of fused_linear_objective: gradients come from the forward walk.
+
+    A plain autograd.Function rather than register_autograd so that the gradient buffers reach .grad
+    without a copy (only `loss` is differentiable; logp and kl are diagnostics)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size):
+        loss, logp, kl, grad_hidden, grad_weight, grad_bias = ops.fused_linear_objective(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(logp, kl)
+        return loss, logp, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_kl):
+        if ctx.grads is None:
+            raise RuntimeError("the fused linear-objective path of unlearning_loss supports one backward per "
+                               "forward (its gradients are made in the forward pass)")
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in grads)  # in place: no 2nd V x H buffer
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
+                None, None, None, None, None, None, None)
+
+
+
+# ----------------------------------------------------------------------------- chunking
+# On a GPU the per-chunk weight-gradient GEMM (a V x H fp32 output, read and written once per chunk) turns
+# memory-bound when chunks are short: at V=151936, H=4096 a 432-row chunk streams the 1.2 GB weight twice and the
+# 2.5 GB fp32 gradient per chunk. At least this many rows keep it compute-bound (H100: ~990 TFLOP/s over 3.35 TB/s).
+GPU_MIN_CHUNK_ROWS = 1216
+GPU_CHUNK_WORKSPACE_BYTES = 1 << 30  # default cap on one chunk's logits (+ reference logits); UE_CHUNK_WORKSPACE_MB
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, *, element_size: int = 2,
+                       with_ref: bool = False, workspace_bytes: int | None = None) -> int:
+    """Rows per chunk. CPU: one chunk of logits is ~8M elements (32 MB fp32: 256 rows at V=32064, where the
+    per-chunk dW update stops costing more than the GEMMs save). GPU: ~64M elements, but never fewer than
+    GPU_MIN_CHUNK_ROWS rows (large V), within a workspace budget for the chunk's logits (element_size bytes each,
+    twice with reference logits): workspace_bytes, else $UE_CHUNK_WORKSPACE_MB, else 1 GiB."""
+    vocab_size = max(vocab_size, 1)
+    if device.type == "cpu":
+        rows = (1 << 23) // vocab_size
+    else:
+        if workspace_bytes is None:
+            mb = os.environ.get("UE_CHUNK_WORKSPACE_MB")
+            workspace_bytes = int(float(mb) * 2**20) if mb else GPU_CHUNK_WORKSPACE_BYTES
+        per_row = vocab_size * element_size * (2 if with_ref else 1)
+        rows = min(max((1 << 26) // vocab_size, GPU_MIN_CHUNK_ROWS), workspace_bytes // per_row)
+    rows = (max(16, rows) // 16) * 16
+    return max(1, min(rows, max(num_tokens, 1)))
+
+
+
+
+def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index: Tensor, linear: Tensor,
+                    sigmoid: Tensor, shift: Tensor, denom: Tensor, *, beta: float, nonlinear: bool,
+                    bias: Tensor | None = None, coef_kl: Tensor | None = None, ref_hidden: Tensor | None = None,
+                    ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
+                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The objective of the module docstring, fused (never N x V logits). Arguments are already checked.
+
+    group_index (N,) int64: the token's group in [0, G), or -1 for a token in no group (its log-likelihood is
+    still returned). linear, sigmoid, shift, denom: (G,) fp32. nonlinear: whether any sigmoid_g may be nonzero
+    (known to the caller without a device sync). coef_kl (N,) fp32 with ref_hidden / ref_weight.
+    Returns (loss (), group_logp S (G,), terms (G,), token_logp (N,), token_kl (N,) or (0,)); only `loss` is
+    guaranteed differentiable (on the linear path the others are detached diagnostics).
+    """
+    num_groups = linear.shape[0]
+    in_group = group_index >= 0
+    group_of_token = group_index.clamp(min=0)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants_grad and not nonlinear:
+        # Linear in the token log-likelihoods and KLs: gradients are made in the forward walk (6 N H V flop).
+        coef_logp = torch.where(in_group, (linear / denom)[group_of_token], 0.0).contiguous()
+        loss, token_logp, token_kl = _LinearObjective.apply(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
+    else:
+        # General path: forward makes token log-likelihoods, backward recomputes the logits (8 N H V flop).
+        loss = None
+        token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                                                   chunk_size)
+    group_logp = hidden.new_zeros(num_groups, dtype=torch.float32).index_add(
+        0, group_of_token, torch.where(in_group, token_logp, 0.0))
+    mean = group_logp / denom
+    terms = linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))
+    if loss is None:
+        loss = terms.sum()
+        if coef_kl is not None:
+            loss = loss + (coef_kl * token_kl).sum()
+    else:
+        terms = terms.detach()
+    return loss, group_logp, terms, token_logp, token_kl
