@@ -17,7 +17,9 @@ import torch
 from unlearn_engine._library import build_info
 from unlearn_engine.api.config import UnlearnConfig, choices_of, read_config_file
 from unlearn_engine.api.data import (
+    VLGUARD_SUBSETS,
     csv_header,
+    group_queries,
     image_tokens,
     read_advbench,
     read_figstep,
@@ -27,6 +29,7 @@ from unlearn_engine.api.data import (
     read_xstest,
     write_jsonl,
 )
+from unlearn_engine.api.images import image_input, image_loader, is_qwen_vl
 from unlearn_engine.api.loading import (
     DTYPES,
     check_checkpoint_dir,
@@ -126,8 +129,16 @@ def _prepare_unlearn(args) -> argparse.Namespace:
     out = run["out"]
     check_writable(out, "--out")
     # settings only the model can judge (e.g. --rmu-layer against its layer count): on an empty (meta) model
-    get_method(config.method).trainable_modules(empty_model(run["model"]), config)
+    skeleton = empty_model(run["model"])
+    get_method(config.method).trainable_modules(skeleton, config)
     forget, retain = records["forget"], records["retain"]
+    if is_qwen_vl(skeleton) and any(r.image for r in forget + retain):
+        from unlearn_engine.api.unlearner import Unlearner
+
+        # Qwen-VL image records need image_grid_thw and mm_token_type_ids in the model's inputs
+        require("image_grid_thw" in Unlearner.model_inputs({"image_grid_thw": None}),
+                f"--model {run['model']} is a Qwen-VL model and the records have images: this version's Unlearner "
+                "does not pass image_grid_thw / mm_token_type_ids to the model yet (text-only records work)")
     require(not get_method(config.method).needs_retain or bool(retain),
             f"method {config.method!r} needs retain records (--retain)")
     root = run["image_root"]
@@ -254,6 +265,8 @@ def _check_args(args):
         _check_input_file(args.harmful, "--harmful")
         if args.safe:
             _check_input_file(args.safe, "--safe")
+        if args.image_root is not None:
+            require(os.path.isdir(args.image_root), f"--image-root {args.image_root}: no such folder")
         require(args.limit >= 0, f"--limit must be >= 0 (0: all prompts), got {args.limit}")
         require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
         require(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -339,21 +352,19 @@ def _unlearn(args, prep):
     model_path, out, root = run["model"], run["out"], run["image_root"]
     model, processor, tokenizer, image_processor = load_promptable(model_path, dtype=run["dtype"],
                                                                    device=run["device"])
-    image_loader = None
+    load = None
     if any(r.image for r in forget + retain):
         image_tokens(model)  # a model without a vision tower cannot take image records: say so now
-
-        def image_loader(path):
-            return _image_pixels(model, image_processor, os.path.join(root or "", path))[0]
+        load = image_loader(model, image_processor, root)
     if int(os.environ.get("RANK", 0)) == 0:
         # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
         write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
-    nll = {"max_length": config.max_length, "image_loader": image_loader}
+    nll = {"max_length": config.max_length, "image_loader": load}
     before = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
     unlearner = Unlearner(model, tokenizer, config, out_dir=out, progress=not args.no_progress,
-                          fingerprint=prep.fingerprint, image_loader=image_loader)
+                          fingerprint=prep.fingerprint, image_loader=load)
     unlearner.fit(forget, retain, resume=run["resume"])
     if unlearner.fsdp:  # gather the shards (every rank), then rank 0 rebuilds a plain model from them
         state = unlearner.full_state_dict()
@@ -382,11 +393,16 @@ def _unlearn(args, prep):
     return 0
 
 
-def _read_prompt_file(path, limit, *, harmful):
-    """Records of a prompt file: JSONL, or an AdvBench / XSTest / FigStep CSV (XSTest: its unsafe rows when the
-    file is the harmful set, its safe rows when it is the safe set)."""
+def _read_prompt_file(path, limit, *, harmful, subset=None, variants=False):
+    """Records of a prompt file: JSONL, VLGuard JSON (its `subset`; a Safety Mirage one-word set with
+    variants=True, `limit` then counting queries), or an AdvBench / XSTest / FigStep CSV (XSTest: its unsafe rows
+    when the file is the harmful set, its safe rows when it is the safe set)."""
     if path.endswith(".jsonl"):
         records = read_jsonl(path)
+    elif path.endswith(".json"):
+        records = read_vlguard(path, subset, variants=variants)
+        if variants and limit:
+            return [r for query in group_queries(records)[:limit] for r in query]
     else:
         header = csv_header(path)
         if "goal" in header:
@@ -431,7 +447,9 @@ def _provenance(args, judge):
     return {"model": {"path": os.path.abspath(args.model), "sha256": model_files, "dtype": args.dtype,
                       "device": args.device},
             "judge": {"name": args.judge, **judge.describe()}, "attacks": args.attacks.split(","), "data": data,
-            "limit": args.limit, "generation": {"decoding": "greedy", "max_new_tokens": args.max_new_tokens,
+            "limit": args.limit, "image_root": args.image_root and os.path.abspath(args.image_root),
+            "vlguard": {"subset": args.subset, "safe_subset": args.safe_subset, "variants": args.variants},
+            "generation": {"decoding": "greedy", "max_new_tokens": args.max_new_tokens,
                                                 "batch_size": args.batch_size},
             "versions": versions, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
@@ -446,8 +464,15 @@ def _cmd_asr(args):
         write_json,
     )
 
-    harmful = _read_prompt_file(args.harmful, args.limit, harmful=True)
-    safe = _read_prompt_file(args.safe, args.limit, harmful=False) if args.safe else []
+    harmful = _read_prompt_file(args.harmful, args.limit, harmful=True, subset=args.subset, variants=args.variants)
+    safe = _read_prompt_file(args.safe, args.limit, harmful=False, subset=args.safe_subset,
+                             variants=args.variants) if args.safe else []
+    for flag, path, records in (("--harmful", args.harmful, harmful), ("--safe", args.safe, safe)):
+        for i, r in enumerate(records):  # every image found before the model is loaded
+            if r.image and not os.path.isfile(os.path.join(args.image_root or "", r.image)):
+                fail(f"{flag} {path}: record {i} ({r.prompt[:40]!r}): image "
+                     f"{os.path.join(args.image_root or '', r.image)} not found"
+                     + ("" if args.image_root else " (relative paths are resolved against --image-root)"))
     spec = _judge_spec(args.judge)
     if spec[0] == "keyword":
         judge = RefusalJudge(spec[1])
@@ -457,7 +482,7 @@ def _cmd_asr(args):
     provenance = _provenance(args, judge)
     model, tokenizer, image_processor = _load_model(args)
     attacks = args.attacks.split(",")
-    if "figstep" in attacks and image_processor is None:  # before any generation
+    if "figstep" in attacks and image_processor is None and not is_qwen_vl(model):  # before any generation
         raise ValueError(f"--attacks figstep needs an image processor: --model {args.model} has none saved "
                          "(preprocessor_config.json)")
     os.makedirs(args.out, exist_ok=True)
@@ -468,7 +493,8 @@ def _cmd_asr(args):
             log.flush()
 
         result = evaluate(model, tokenizer, harmful, safe, judge=judge, attacks=attacks,
-                          image_processor=image_processor, max_new_tokens=args.max_new_tokens,
+                          image_processor=image_processor, image_root=args.image_root,
+                          max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, progress=not args.no_progress, on_batch=on_batch)
     result["provenance"] = provenance
     if isinstance(judge, ModelJudge):  # the judge model's counts and every raw verdict
@@ -521,34 +547,18 @@ def _cmd_demo(args):
     return 0
 
 
-def _image_pixels(model, image_processor, path):
-    """(1, 3, S, S) pixels of the image file: through the checkpoint's image processor when it has one (its
-    resize and normalisation), else resized to the vision tower's size and scaled to [-1, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    if image_processor is not None:
-        return image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    size = model.config.vision_config.image_size
-    image = image.resize((size, size))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
-
-
 def _cmd_rai(args):
     from unlearn_engine.api.evaluation import generate
     from unlearn_engine.api.rai import RiskAwareness
 
     model, tokenizer, image_processor = _load_model(args)
-    pixels = _image_pixels(model, image_processor, args.image) if args.image else None
-    prompt = ("<image> " * image_tokens(model) if pixels is not None else "") + args.prompt
+    images = [image_input(model, args.image, image_processor)] if args.image else None
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords else None
     rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
                         strength=args.strength)
-    plain = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
+    plain = generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
     with rai:
-        guarded = generate(model, tokenizer, [prompt], pixel_values=pixels, progress=False)[0]
+        guarded = generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
     out = {"without_rai": plain, "with_rai": guarded,
            "visual_token_scores": [r.tolist() for r in rai.records]}
     print(json.dumps(out, indent=2) if args.json else f"without RAI: {plain}\nwith RAI:    {guarded}")
@@ -630,8 +640,19 @@ def build_parser():
     asr = sub.add_parser("asr", parents=[model_flags(True), output],
                          help="attack success rate and over-refusal of a model on prompt files")
     asr.add_argument("--harmful", required=True,
-                     help="AdvBench / FigStep CSV, XSTest CSV (its unsafe rows) or JSONL of harmful prompts")
-    asr.add_argument("--safe", help="XSTest CSV (its safe rows) or JSONL of benign prompts")
+                     help="AdvBench / FigStep CSV, XSTest CSV (its unsafe rows), JSONL of harmful prompts, or VLGuard "
+                          "JSON (.json: a list of {id, image, safe, instr-resp}; its --subset)")
+    asr.add_argument("--safe", help="XSTest CSV (its safe rows), JSONL of benign prompts, or VLGuard JSON (its "
+                                    "--safe-subset)")
+    asr.add_argument("--subset", choices=VLGUARD_SUBSETS, default="unsafes",
+                     help="the VLGuard subset of a .json --harmful (default: unsafes)")
+    asr.add_argument("--safe-subset", choices=VLGUARD_SUBSETS, default="safe_safes",
+                     help="the VLGuard subset of a .json --safe (default: safe_safes)")
+    asr.add_argument("--variants", action="store_true",
+                     help="the .json files are Safety Mirage one-word sets: K consecutive records per id, reported "
+                          "per variant and per query (--limit then counts queries)")
+    asr.add_argument("--image-root", help="folder the records' relative image paths are read from (records with "
+                                          "an image are shown it with their prompt)")
     asr.add_argument("--limit", type=int, default=0, help="use the first N prompts of each file (0: all)")
     asr.add_argument("--judge", default="vlguard", help=JUDGE_HELP + " (default: vlguard)")
     asr.add_argument("--attacks", default="text,one_word",

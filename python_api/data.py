@@ -14,6 +14,7 @@ from typing import List, Sequence
 
 import torch
 
+from unlearn_engine.api.images import QwenImage, image_batch, image_pad_id
 from unlearn_engine.atomic import write_text
 
 ROLE_NAMES = ("forget", "retain")
@@ -169,24 +170,8 @@ def _image(path, index, item, image_root, required):
     return resolved
 
 
-def _check_groups(path, records, indices):
-    """Records of one id must be consecutive and share their image, or grouping into queries would be wrong."""
-    closed = set()
-    for k in range(len(records)):
-        r = records[k]
-        if k and records[k - 1].group == r.group:
-            if records[k - 1].image != r.image:
-                raise _field_error(path, indices[k], "image", f"{r.image!r} differs from {records[k - 1].image!r} of "
-                                   f"record {indices[k - 1]}, which has the same id {r.group!r}")
-            continue
-        if r.group in closed:
-            raise _field_error(path, indices[k], "id", f"{r.group!r} appeared before, not in the records just "
-                               "before this one: variants of one query must be consecutive")
-        closed.add(r.group)
-
-
 def read_vlguard(path: str, subset: str = "unsafes", *, image_root: str | None = None,
-                 role: str | None = None) -> List[Record]:
+                 role: str | None = None, variants: bool = False) -> List[Record]:
     """VLGuard train.json / test.json, and the Safety Mirage one-word sets written in the same schema: a list
     of {id, image, safe, instr-resp, harmful_category?, harmful_subcategory?}.
 
@@ -194,11 +179,14 @@ def read_vlguard(path: str, subset: str = "unsafes", *, image_root: str | None =
     key); "safe_unsafes": the unsafe_instruction of the safe=true records; "safe_safes": their
     safe_instruction. Each record's response is the one paired with that instruction. Role: forget for the
     first two, retain for safe_safes, unless `role` is given. Category: harmful_category (with
-    "/harmful_subcategory" when present). `group` is the record's id: the one-word sets repeat each query K
-    times, consecutively, with one id and one image, and `group_queries` puts them back together (an id
-    that comes back later, or one id with two images, is an error). With `image_root` each image is joined to
-    it and must exist; without, the path is kept as written. Errors name the file, the record index in the
-    list and the field."""
+    "/harmful_subcategory" when present). `group` is the record's id.
+
+    Ids are checked over the whole file, whatever the subset: in VLGuard JSON each id appears once (a second
+    record with it is an error naming both records). variants=True reads a Safety Mirage one-word set instead:
+    each query repeated K times, on consecutive records sharing its id and image, which `group_queries` puts
+    back together (an id that comes back later, or one id with two images, is still an error). With
+    `image_root` each image is joined to it and must exist; without, the path is kept as written. Errors name
+    the file, the record index in the list and the field."""
     if subset not in VLGUARD_SUBSETS:
         raise ValueError(f"subset must be one of {VLGUARD_SUBSETS}, got {subset!r}")
     if role is not None and role not in ROLE_NAMES:
@@ -207,11 +195,26 @@ def read_vlguard(path: str, subset: str = "unsafes", *, image_root: str | None =
             "safe_safes": ("safe_instruction",)}[subset]
     want_safe = subset != "unsafes"
     record_role = role or ("retain" if subset == "safe_safes" else "forget")
-    records, indices = [], []
+    records, first, previous = [], {}, None  # first: id -> (index, image) of its first record
     for i, item in enumerate(_read_json_list(path)):
         if not isinstance(item, dict):
             raise ValueError(f"{path}: record {i}: expected an object, got {type(item).__name__}")
         group = _record_id(path, i, item)
+        if group in first:
+            j, image = first[group]
+            if not variants:
+                raise _field_error(path, i, "id", f"{group!r} is also the id of record {j}: each id appears once in "
+                                   "VLGuard JSON (a Safety Mirage one-word set repeats it on K consecutive records: "
+                                   "read it with variants=True, CLI --variants)")
+            if previous != group:
+                raise _field_error(path, i, "id", f"{group!r} appeared before (record {j}), not in the records just "
+                                   "before this one: variants of one query must be consecutive")
+            if item.get("image") != image:
+                raise _field_error(path, i, "image", f"{item.get('image')!r} differs from {image!r} of record {j}, "
+                                   f"which has the same id {group!r}")
+        else:
+            first[group] = (i, item.get("image"))
+        previous = group
         safe = item.get("safe")
         if not isinstance(safe, bool):
             raise _field_error(path, i, "safe", "expected true or false, "
@@ -237,10 +240,8 @@ def read_vlguard(path: str, subset: str = "unsafes", *, image_root: str | None =
             category = f"{category}/{item['harmful_subcategory']}"
         records.append(Record(prompt, response, record_role, _image(path, i, item, image_root, True),
                               category or None, group))
-        indices.append(i)
     if not records:
         raise ValueError(f"{path} holds no records of subset {subset!r}")
-    _check_groups(path, records, indices)
     return records
 
 
@@ -310,7 +311,8 @@ def read_llava_json(path: str, role: str = "forget", *, image_root: str | None =
 def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
     """How many image tokens one image becomes: LLaVA-style, one <image> per vision patch of the fixed image
     size; Qwen2-VL / Qwen2.5-VL, one <|image_pad|> per spatial_merge_size^2 patches, which depends on the
-    image, so it needs image_size=(H, W) (multiples of patch_size * spatial_merge_size)."""
+    image: with image_size=(H, W) (multiples of patch_size * spatial_merge_size) that count, without it 0 - no
+    fixed count; each image's own comes with it (images.QwenImage, what images.image_loader returns)."""
     vision = getattr(model.config, "vision_config", None)
     if vision is None:
         raise ValueError(f"{type(model).__name__} has no vision_config: it takes no images")
@@ -318,10 +320,7 @@ def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
     if merge is None:
         return (vision.image_size // vision.patch_size) ** 2
     if image_size is None:
-        raise ValueError(f"image_size: {type(model).__name__} turns each image into a number of tokens that "
-                         "depends on its (H, W); expected image_size=(H, W), got None (image records are not "
-                         "yet encoded for Qwen-VL models: they need pixel patches, image_grid_thw and "
-                         "mm_token_type_ids)")
+        return 0
     unit = vision.patch_size * merge
     height, width = image_size
     if height % unit or width % unit or height < unit or width < unit:
@@ -342,8 +341,12 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
            image_tokens: int = 0, stats: dict | None = None):
     """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS).
 
-    Records with an image need image_loader(record.image) -> (3, H, W) tensor and image_tokens (the number
-    of <image> tokens one image takes); the prompt is prefixed with them and pixel_values is added.
+    Records with an image need image_loader(record.image) (images.image_loader builds the right one for a
+    model). LLaVA: it returns a (3, H, W) tensor and image_tokens is the number of <image> tokens one image
+    takes; the prompt is prefixed with them and pixel_values (B, 3, H, W) is added. Qwen2-VL / Qwen2.5-VL: it
+    returns an images.QwenImage; the prompt is prefixed with <|vision_start|>, its own number of <|image_pad|>
+    and <|vision_end|> (image_tokens is not used), and pixel_values (all patches), image_grid_thw and
+    mm_token_type_ids are added.
     A dict passed as `stats` receives, per record, "labelled" (labelled tokens kept after the max_length cut),
     "cut" (labelled tokens the cut removed) and "no_response" (the record has an empty response)."""
     if stats is not None:
@@ -352,10 +355,15 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
     for r in records:
         prompt = r.prompt
         if r.image:
-            if image_loader is None or image_tokens < 1:
-                raise ValueError(f"record {r.prompt!r} has an image: pass image_loader and image_tokens")
-            pixels.append(image_loader(r.image))
-            prompt = "<image> " * image_tokens + prompt
+            image = image_loader(r.image) if image_loader is not None else None
+            if isinstance(image, QwenImage):
+                prompt = image.text() + prompt
+            elif image is None or image_tokens < 1:
+                raise ValueError(f"record {r.prompt!r} has an image: pass image_loader and image_tokens (a Qwen-VL "
+                                 "model needs an image_loader that returns QwenImage: images.image_loader)")
+            else:
+                prompt = "<image> " * image_tokens + prompt
+            pixels.append(image)
         prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(" " + r.response if r.response else "", add_special_tokens=False)["input_ids"]
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -378,6 +386,5 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
         labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-    if pixels:
-        batch["pixel_values"] = torch.stack(pixels)
+    batch.update(image_batch(pixels, input_ids, image_pad_id(tokenizer) if pixels else None))
     return batch

@@ -69,7 +69,7 @@ ONE_WORD = [
 
 
 def test_one_word_groups(tmp_path):
-    records = read_vlguard(write(tmp_path, ONE_WORD), subset="unsafes")
+    records = read_vlguard(write(tmp_path, ONE_WORD), subset="unsafes", variants=True)
     assert [r.group for r in records] == ["q1"] * 3 + ["q2"] * 3 + ["q3"]
     queries = group_queries(records)
     assert [[r.prompt for r in q] for q in queries] == [
@@ -83,11 +83,29 @@ def test_one_word_group_errors(tmp_path):
     split = ONE_WORD[:2] + ONE_WORD[3:4] + ONE_WORD[2:3]
     path = write(tmp_path, split)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: record 3: field 'id': 'q1' appeared before"):
-        read_vlguard(path)
+        read_vlguard(path, variants=True)
     other = [dict(ONE_WORD[0]), dict(ONE_WORD[1], image="other.png")]
     path = write(tmp_path, other)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: record 1: field 'image': 'other.png' differs"):
-        read_vlguard(path)
+        read_vlguard(path, variants=True)
+
+
+@pytest.mark.parametrize("subset", ["unsafes", "safe_unsafes", "safe_safes"])
+def test_vlguard_duplicate_id_across_the_file(tmp_path, subset):
+    """Catches the duplicate-id check made only within the subset read (or only on consecutive records): an id
+    used twice in the file is refused whatever the subset, naming both records, unless variants=True says the
+    file is a one-word set whose repeats are consecutive."""
+    items = VLGUARD + [dict(VLGUARD[1], image="other/b2.jpg")]  # a safe record reusing id b2, not consecutively
+    path = write(tmp_path, items)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: record 3: field 'id': 'b2' is also the id of "
+                                         r"record 1: each id appears once .*variants=True"):
+        read_vlguard(path, subset=subset)
+    items = [VLGUARD[0], dict(VLGUARD[0]), VLGUARD[1]]  # consecutive repeat of an unsafe id, read as safe_safes
+    path = write(tmp_path, items)
+    with pytest.raises(ValueError, match=r"record 1: field 'id': 'a1' is also the id of record 0"):
+        read_vlguard(path, subset="safe_safes")
+    assert len(read_vlguard(path, subset="unsafes", variants=True)) == 2
+    assert len(read_vlguard(path, subset="safe_safes", variants=True)) == 1
 
 
 def test_jsonl_keeps_group(tmp_path):
