@@ -250,12 +250,38 @@ def _ties_embeddings(config) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
 
 
+class SplitProcessor:
+    """A checkpoint's tokenizer and image processor, loaded apart when its AutoProcessor cannot be built here
+    (Qwen2-VL's also builds a video processor, which needs torchvision); save_pretrained writes both."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def save_pretrained(self, path: str) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
 def _load_processor(path):
     import transformers
 
     for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):
         try:
             return auto.from_pretrained(path, local_files_only=True)
+        except ImportError:  # a sub-processor needs a package not installed here (torchvision): load the two we use
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # "falling back to the PIL backend" is what we want
+            try:
+                return SplitProcessor(tokenizer, transformers.AutoImageProcessor.from_pretrained(
+                    path, local_files_only=True))
+            except (OSError, ValueError, KeyError, TypeError, ImportError):
+                return tokenizer
+            finally:
+                transformers.logging.set_verbosity(verbosity)
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
