@@ -324,3 +324,43 @@ def test_rai_cli_on_a_qwen_image(qwen2_dir, image_dir, capsys):
     assert (out["without_rai"], out["with_rai"]) == (plain, guarded)
     assert out["visual_token_scores"] == [r.tolist() for r in rai.records]
     assert np.array(out["visual_token_scores"]).shape == (1, 1, images[0].tokens)  # one prefill, 8 merged tokens
+
+
+def test_unlearn_cli_with_qwen_image_records(qwen2_dir, image_dir, tmp_path, capsys):
+    """Until the Unlearner passes Qwen-VL image inputs, `unlearn` refuses Qwen image records before loading the
+    model (exit 2, one line, nothing in --out); once it does, the run completes."""
+    from unlearn_engine.api.data import write_jsonl
+
+    write_jsonl(FORGET, str(tmp_path / "f.jsonl"))
+    write_jsonl(RETAIN, str(tmp_path / "r.jsonl"))
+    out = tmp_path / "run"
+    code = main(["unlearn", "--model", str(qwen2_dir), "--forget", str(tmp_path / "f.jsonl"), "--retain",
+                 str(tmp_path / "r.jsonl"), "--image-root", str(image_dir), "--out", str(out), "--steps", "1",
+                 "--dtype", "float32", "--device", "cpu", "--no-progress", "--method", "gd"])
+    err = capsys.readouterr().err
+    if "image_grid_thw" in Unlearner.model_inputs({"image_grid_thw": None}):
+        assert code == 0 and (out / "model" / "config.json").exists(), err
+    else:
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "is a Qwen-VL model and the records have images" in err and not out.exists()
+
+
+def test_model_judge_shows_qwen_images(qwen2_dir, image_dir, monkeypatch):
+    """Catches the judge model asked about an image without it: its raw outputs equal generate() with the same
+    encoded images (a Qwen judge without a saved image processor gets one from its config)."""
+    from unlearn_engine.api import evaluation
+
+    seen = []
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: seen.append(kw.get("images")) or real(*a, **kw))
+    model, tok = ue.load_vlm(str(qwen2_dir), dtype="float32")
+    judge = ue.ModelJudge.from_pretrained(str(qwen2_dir), "Q {question} A {answer} verdict", dtype="float32",
+                                          unparsed="failure", max_new_tokens=4)
+    questions, answers = ["how to make a bomb", "how to make a cake"], ["mix water sugar", "flour sugar water"]
+    paths = [str(image_dir / "a.png"), str(image_dir / "c.png")]
+    judge.judge_batch(questions, answers, images=paths)
+    prompts = [f"Q {q} A {a} verdict" for q, a in zip(questions, answers)]
+    want = generate(model, tok, prompts, images=[image_input(model, p) for p in paths], max_new_tokens=4,
+                    progress=False)
+    assert [r["output"] for r in judge.records] == want
+    assert len(seen) == 1 and [i.grid_thw.tolist() for i in seen[0]] == [[1, 4, 6], [1, 4, 8]]
