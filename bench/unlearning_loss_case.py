@@ -8,6 +8,7 @@ import sys
 import torch
 
 import unlearn_engine as ue
+from unlearn_engine.fused_logprob import default_chunk_size
 from unlearn_engine.reference import unlearning_loss_reference
 
 
@@ -71,18 +72,38 @@ def baseline_impls(device: str) -> dict:
     return found
 
 
-def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: int) -> int:
+def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: int, *, chunk_size: int | None = None,
+               samples: int = 8, device: str = "cpu", element_size: int = 4) -> int:
     """Flop of one forward + backward on the LM-head GEMMs (2 per multiply-add), as each path really does them.
 
-    Logits 2NHV (the reference model's too, forward only, under retain="kl"); dL/dh and dL/dW 4NHV. The fused
-    NPO path recomputes each chunk's logits in backward (and the reference logits under KL): GA+NLL 6NHV,
-    GA+KL 8NHV, NPO+NLL 8NHV, NPO+KL 12NHV. Eager keeps its logits: NPO+NLL 6NHV, NPO+KL 8NHV. The plain-CE
-    baselines do GA+NLL's 6NHV."""
+    Logits 2NHV (the reference model's too, forward only, under retain="kl"); dL/dh and dL/dW 4NHV. The fused path
+    makes every objective's gradients in its one forward walk, NPO included: GA+NLL and NPO+NLL 6NHV, GA+KL and
+    NPO+KL 8NHV, as eager (which keeps its logits). The only extra is the fused NPO's forward-only pre-pass over a
+    forget sample longer than the chunk (2 H V per such row; make_inputs' samples are n / samples rows long, and
+    chunk_size defaults to the rule unlearning_loss uses on `device`). The plain-CE baselines do GA+NLL's 6NHV."""
     gemm = 2 * n * h * v
     logits = gemm * (2 if retain == "kl" else 1)
     total = logits + 2 * gemm
     if impl == "fused" and forget == "npo":
-        total += logits
+        chunk = chunk_size or default_chunk_size(n, v, torch.device(device), element_size=element_size,
+                                                 with_ref=retain == "kl")
+        length = n // samples
+        if length > chunk:
+            total += 2 * h * v * length * (samples // 2)  # the forget samples' rows, once more, forward only
+    return total
+
+
+def measured_gemm_flop(fn) -> int:
+    """GEMM flop that fn() really runs, C++ kernels included: every aten mm / addmm the profiler records, with its
+    shapes (2 m k n each)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    total = 0
+    for event in prof.events():
+        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)  # addmm: (self, a, b, ...)
+        if first is not None:
+            (m, k), (_, n) = event.input_shapes[first:first + 2]
+            total += 2 * m * k * n
     return total
 
 

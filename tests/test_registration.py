@@ -20,6 +20,11 @@ def test_opcheck_fused_ops(device):
     # fused_linear_objective is differentiable only through unlearning_loss's autograd.Function
     torch.library.opcheck(ue.ops.fused_linear_objective, (h.detach(), w.detach(), b.detach(), c["labels"],
                                                           c["ref_hidden"], c["ref_weight"], None, coef, coef * 0.5, 5))
+    groups = torch.tensor([0, 0, 1, -1, 1, 2, 2, 2, 0, 1, -1, 2, 2], device=device)
+    g = torch.linspace(0.5, 1.5, 3, device=device)
+    torch.library.opcheck(ue.ops.fused_group_objective, (h.detach(), w.detach(), b.detach(), c["labels"], groups, -g,
+                                                         g, g * 2, g + 1, 0.3, c["ref_hidden"], c["ref_weight"], None,
+                                                         coef * 0.5, 3))
     torch.library.opcheck(ue.ops.fused_logprob_backward,
                           (h.detach(), w.detach(), None, c["labels"], None, None, None, coef, None, 3))
     f = torch.randn(4, 9, device=device, requires_grad=True)
@@ -27,7 +32,7 @@ def test_opcheck_fused_ops(device):
     torch.library.opcheck(ue.ops.rmu_loss, (f, torch.randn(9, device=device), r, torch.randn(6, 9, device=device), 0.5))
 
 
-@pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl")])
+@pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl"), ("npo", "nll"), ("ga", "kl")])
 def test_torch_compile_fullgraph(forget, retain):
     case = make_case()
 

@@ -8,6 +8,10 @@ where S_g is the sum of the log-likelihoods of the group's labelled tokens, plus
 tokens when reference logits are given. GA / NLL are linear (sigmoid_g = 0); NPO, SimNPO and retain-side NPO use
 the softplus part (shift = -ref, or +delta). Its gradient with respect to S_g is
     (linear_g + 2 * sigmoid_g * sigmoid(beta * (m_g + shift_g))) / denom_g.
+With gradients wanted, the op fused_group_objective makes them in its one forward chunk walk (6 N H V flop, plus
+the reference logits for KL), linear or not: a nonlinear group's rows are kept inside one chunk, so S_g, hence its
+coefficient, is known before that chunk's logit gradient is written (a group longer than the chunk gets a
+forward-only pre-pass over its own rows).
 """
 import os
 
@@ -42,6 +46,14 @@ def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_w
                                  coef_kl, chunk_size):
     logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
     return (hidden.new_empty((), dtype=torch.float32), logp, kl, torch.empty_like(hidden),
+            torch.empty_like(weight), _grad_bias_like(bias, hidden))
+
+
+@torch.library.register_fake("unlearn_engine::fused_group_objective")
+def _fused_group_objective_fake(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
+                                ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size):
+    logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(linear), logp, kl, torch.empty_like(hidden),
             torch.empty_like(weight), _grad_bias_like(bias, hidden))
 
 
@@ -82,31 +94,45 @@ class _TokenLogprob(torch.autograd.Function):
         return _fused_logprob_backward(ctx, grad_logp, grad_kl)
 
 
-class _LinearObjective(torch.autograd.Function):
-    """Differentiable wrapper of fused_linear_objective: gradients come from the forward walk.
-
-    A plain autograd.Function rather than register_autograd so that the gradient buffers reach .grad
-    without a copy (only `loss` is differentiable; logp and kl are diagnostics)."""
+class _GroupObjective(torch.autograd.Function):
+    """Differentiable wrapper of fused_group_objective: the gradients of the whole group objective (linear and
+    softplus terms, KL) come from the forward walk (6 N H V flop); backward scales them by grad_loss in place.
+    Only `loss` is differentiable; group_logp, token_logp and token_kl are diagnostics (see _Diagnostics)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size):
-        loss, logp, kl, grad_hidden, grad_weight, grad_bias = ops.fused_linear_objective(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
+    def forward(ctx, hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden,
+                ref_weight, ref_bias, coef_kl, chunk_size):
+        loss, group_logp, token_logp, token_kl, grad_hidden, grad_weight, grad_bias = ops.fused_group_objective(
+            hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden, ref_weight,
+            ref_bias, coef_kl, chunk_size)
         ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(logp, kl)
-        return loss, logp, kl
+        ctx.mark_non_differentiable(group_logp, token_logp, token_kl)
+        return loss, group_logp, token_logp, token_kl
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_kl):
+    def backward(ctx, grad_loss, _grad_group_logp, _grad_logp, _grad_kl):
         if ctx.grads is None:
-            raise RuntimeError("the fused linear-objective path of unlearning_loss supports one backward per "
+            raise RuntimeError("the fused group-objective path of unlearning_loss supports one backward per "
                                "forward (its gradients are made in the forward pass)")
         grads, ctx.grads = ctx.grads, None
         grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in grads)  # in place: no 2nd V x H buffer
-        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None, None)
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
 
+
+class _Diagnostics(torch.autograd.Function):
+    """Makes the token log-likelihoods and KLs of a fused walk differentiable after the fact: forward passes the
+    values through; backward, run only when a gradient reaches them (per-sample outputs used in a loss), is the
+    recompute path's (fused_logprob_backward, 8 N H V flop). A loss that uses only `loss` never runs it."""
+
+    @staticmethod
+    def forward(ctx, token_logp, token_kl, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
+        return token_logp.clone(), token_kl.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_kl):
+        return (None, None) + _fused_logprob_backward(ctx, grad_logp, grad_kl)
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -138,6 +164,20 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, *
 
 
 
+def _distinct(tensors: list) -> list:
+    """Dynamo cannot trace an autograd.Function given one tensor twice (GA passes one zeros for sigmoid and shift):
+    later repeats become copies."""
+    seen = set()
+    out = []
+    for t in tensors:
+        if t is not None and id(t) in seen:
+            t = t.clone()
+        elif t is not None:
+            seen.add(id(t))
+        out.append(t)
+    return out
+
+
 def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index: Tensor, linear: Tensor,
                     sigmoid: Tensor, shift: Tensor, denom: Tensor, *, beta: float, nonlinear: bool,
                     bias: Tensor | None = None, coef_kl: Tensor | None = None, ref_hidden: Tensor | None = None,
@@ -148,20 +188,32 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
     group_index (N,) int64: the token's group in [0, G), or -1 for a token in no group (its log-likelihood is
     still returned). linear, sigmoid, shift, denom: (G,) fp32. nonlinear: whether any sigmoid_g may be nonzero
     (known to the caller without a device sync). coef_kl (N,) fp32 with ref_hidden / ref_weight.
-    Returns (loss (), group_logp S (G,), terms (G,), token_logp (N,), token_kl (N,) or (0,)); only `loss` is
-    guaranteed differentiable (on the linear path the others are detached diagnostics).
+    Returns (loss (), group_logp S (G,), terms (G,), token_logp (N,), token_kl (N,) or (0,)). `loss` is
+    differentiable; with nonlinear=True the others are too (a gradient reaching them costs a recompute walk, run only
+    then); with nonlinear=False and gradients wanted they are detached diagnostics.
     """
     num_groups = linear.shape[0]
     in_group = group_index >= 0
     group_of_token = group_index.clamp(min=0)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if wants_grad and not nonlinear:
-        # Linear in the token log-likelihoods and KLs: gradients are made in the forward walk (6 N H V flop).
-        coef_logp = torch.where(in_group, (linear / denom)[group_of_token], 0.0).contiguous()
-        loss, token_logp, token_kl = _LinearObjective.apply(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size)
+    if wants_grad:
+        # Gradients of the whole objective in the forward walk (6 N H V flop, nothing recomputed).
+        args = [hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, ref_hidden, ref_weight,
+                ref_bias, coef_kl]
+        if torch.compiler.is_compiling():
+            args = _distinct(args)
+        loss, group_logp, token_logp, token_kl = _GroupObjective.apply(*args[:9], float(beta), *args[9:], chunk_size)
+        if not nonlinear:
+            # GA / NLL / KL: the outputs other than loss are detached diagnostics.
+            mean = group_logp / denom
+            terms = linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))
+            return loss, group_logp, terms, token_logp, token_kl
+        # NPO-like objectives keep their per-group and per-token outputs differentiable; the recompute behind
+        # them runs only if a gradient reaches them.
+        token_logp, token_kl = _Diagnostics.apply(token_logp, token_kl, hidden, weight, bias, labels, ref_hidden,
+                                                  ref_weight, ref_bias, chunk_size)
     else:
-        # General path: forward makes token log-likelihoods, backward recomputes the logits (8 N H V flop).
+        # No gradient wanted: the forward walk alone.
         loss = None
         token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
                                                    chunk_size)
@@ -173,6 +225,4 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
         loss = terms.sum()
         if coef_kl is not None:
             loss = loss + (coef_kl * token_kl).sum()
-    else:
-        terms = terms.detach()
     return loss, group_logp, terms, token_logp, token_kl

@@ -9,8 +9,10 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "row_pass.h"
 
@@ -56,14 +58,26 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const Opt
   return bias ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
 }
 
-struct Outputs {
-  at::Tensor logp, kl, grad_hidden, grad_weight, grad_bias;
+void row_pass(const RowPass& pass) {
+#ifdef WITH_CUDA
+  if (pass.logits.is_cuda()) return row_pass_cuda(pass);
+#endif
+  row_pass_cpu(pass);
+}
+
+// The checked, contiguous inputs of one walk (the model's and, for KL, the frozen reference's).
+struct Inputs {
+  at::Tensor hidden, weight;
+  OptTensor bias, ref_hidden, ref_weight, ref_bias;
+  int64_t N = 0, V = 0;
+  bool with_ref = false, low_precision = false;
+  at::ScalarType dtype, acc_type;  // acc_type: W and bias gradients accumulate in fp32 (fp64 for fp64 inputs)
+  at::TensorOptions f32;
 };
 
-Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
-            const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
-            const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
-            int64_t chunk_size) {
+Inputs prepare(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
+               const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
+               const OptTensor& ref_bias_in, const OptTensor& coef_kl, int64_t chunk_size) {
   check_matrix_pair(hidden_in, weight_in, bias_in, "hidden", "weight", "bias");
   const int64_t N = hidden_in.size(0), V = weight_in.size(0);
   const auto device = hidden_in.device();
@@ -81,106 +95,356 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
   } else {
     TORCH_CHECK(!ref_bias_in, "ref_bias given without ref_hidden/ref_weight");
   }
-  const bool want_grad = coef_logp.has_value();
-  if (want_grad) check_token_vector(*coef_logp, N, at::kFloat, device, "coef_logp");
   if (coef_kl) {
     TORCH_CHECK(with_ref, "coef_kl needs ref_hidden and ref_weight");
     check_token_vector(*coef_kl, N, at::kFloat, device, "coef_kl");
   }
-  const c10::DeviceGuard guard(device);
+  Inputs in;
+  in.hidden = hidden_in.contiguous();
+  in.weight = weight_in.contiguous();
+  if (bias_in) in.bias = bias_in->contiguous();
+  if (with_ref) in.ref_hidden = ref_hidden_in->contiguous(), in.ref_weight = ref_weight_in->contiguous();
+  if (ref_bias_in) in.ref_bias = ref_bias_in->contiguous();
+  in.N = N;
+  in.V = V;
+  in.with_ref = with_ref;
+  in.dtype = in.hidden.scalar_type();
+  in.low_precision = in.dtype == at::kHalf || in.dtype == at::kBFloat16;
+  in.acc_type = in.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  in.f32 = in.hidden.options().dtype(at::kFloat);
+  return in;
+}
 
-  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-  const OptTensor bias = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
-  const OptTensor ref_hidden = with_ref ? OptTensor(ref_hidden_in->contiguous()) : std::nullopt;
-  const OptTensor ref_weight = with_ref ? OptTensor(ref_weight_in->contiguous()) : std::nullopt;
-  const OptTensor ref_bias = ref_bias_in ? OptTensor(ref_bias_in->contiguous()) : std::nullopt;
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  const auto dtype = hidden.scalar_type();
-  const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
-  // W and bias gradients accumulate in fp32 (fp64 for fp64 inputs) across chunks.
-  const at::ScalarType acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc = hidden.options().dtype(acc_type);
+struct Outputs {
+  at::Tensor logp, kl, grad_hidden, grad_weight, grad_bias;
+};
 
+Outputs make_outputs(const Inputs& in, bool want_grad) {
   Outputs out;
-  out.logp = at::zeros({N}, f32);
-  out.kl = with_ref ? at::zeros({N}, f32) : at::empty({0}, f32);
-  // Low precision: the logit gradient is stored in the logits' dtype. Its entries are coefficient x probability,
-  // and per-token coefficients are ~1/(samples x tokens), so in fp16 most entries would flush to zero. The row
-  // pass gets coefficients normalised to max |coef| = 1 (a device scalar: no host sync), and the scale is
-  // applied once to the accumulated gradients.
+  out.logp = at::zeros({in.N}, in.f32);
+  out.kl = in.with_ref ? at::zeros({in.N}, in.f32) : at::empty({0}, in.f32);
+  if (want_grad) {
+    const auto acc = in.hidden.options().dtype(in.acc_type);
+    out.grad_hidden = at::zeros_like(in.hidden);
+    out.grad_weight = at::zeros({in.V, in.hidden.size(1)}, acc);
+    out.grad_bias = in.bias ? at::zeros({in.V}, acc) : at::empty({0}, in.f32);
+  }
+  return out;
+}
+
+// Low precision: the logit gradient is stored in the logits' dtype. Its entries are coefficient x probability,
+// and per-token coefficients are ~1/(samples x tokens), so in fp16 most entries would flush to zero. The row
+// pass gets coefficients divided by this scale (a bound on max |coef|, kept on the device: no host sync), and the
+// scale is applied once to the accumulated gradients. Undefined (no scaling) for fp32 / fp64.
+at::Tensor gradient_scale(const Inputs& in, const at::Tensor& coef_bound, const OptTensor& coef_kl) {
+  if (!in.low_precision || in.N == 0) return at::Tensor();
+  at::Tensor scale = coef_bound.numel() ? coef_bound.abs().max() : at::zeros({}, in.f32);
+  if (coef_kl) scale = at::maximum(scale, coef_kl->abs().max());
+  return at::where(scale > 0, scale, at::ones_like(scale));
+}
+
+// The rows of one chunk: a slice of the token rows when they are consecutive, else gathered by index.
+struct ChunkRows {
+  at::Tensor idx;  // (count,) token rows
+  int64_t start = 0, count = 0;
+  bool slice = false;
+  at::Tensor take(const at::Tensor& t) const { return slice ? t.narrow(0, start, count) : t.index_select(0, idx); }
+};
+
+// Turns the chunk's logit gradient dz (written over the logits by the row pass) into dL/dh rows and accumulates
+// dL/dW and dL/db (fp32, fp64 for fp64 inputs).
+void accumulate_gradients(const Inputs& in, Outputs& out, const at::Tensor& dz, const at::Tensor& h,
+                          const ChunkRows& rows, bool& cuda_accumulate) {
+  out.grad_hidden.index_copy_(0, rows.idx, at::mm(dz, in.weight));
+  if (cuda_accumulate) {
+    try {
+      at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
+    } catch (const c10::Error&) {
+      cuda_accumulate = false;  // some 2.8/2.9 builds refuse an fp32 out for bf16 operands: widen instead
+      out.grad_weight.addmm_(dz.t().to(at::kFloat), h.to(at::kFloat));
+    }
+  } else if (in.dtype == in.acc_type) {
+    out.grad_weight.addmm_(dz.t(), h);
+  } else {
+    out.grad_weight.addmm_(dz.t().to(in.acc_type), h.to(in.acc_type));
+  }
+  if (in.bias) out.grad_bias.add_(dz.sum({0}, /*keepdim=*/false, out.grad_bias.scalar_type()));
+}
+
+void finish_gradients(const Inputs& in, Outputs& out, const at::Tensor& grad_scale) {
+  if (grad_scale.defined()) {
+    out.grad_hidden.mul_(grad_scale);  // opmath fp32, rounded once to the model dtype
+    out.grad_weight.mul_(grad_scale);
+    if (in.bias) out.grad_bias.mul_(grad_scale);
+  }
+  out.grad_weight = out.grad_weight.to(in.weight.scalar_type());
+  if (in.bias) out.grad_bias = out.grad_bias.to(in.bias->scalar_type());
+}
+
+// A chunk's logits (and reference logits), labels and output buffers, ready for the row pass.
+RowPass chunk_pass(const Inputs& in, const at::Tensor& labels, const ChunkRows& rows, const at::Tensor& h) {
+  RowPass pass;
+  pass.logits = chunk_logits(h, in.weight, in.bias).contiguous();
+  if (in.with_ref)
+    pass.ref_logits = chunk_logits(rows.take(*in.ref_hidden), *in.ref_weight, in.ref_bias).contiguous();
+  pass.labels = rows.take(labels).contiguous();
+  pass.logp = at::empty({rows.count}, in.f32);
+  if (in.with_ref) pass.kl = at::empty({rows.count}, in.f32);
+  return pass;
+}
+
+// cuBLAS accumulates a bf16/fp16 GEMM straight into the fp32 gradient; elsewhere the operands are widened.
+bool cuda_accumulates(const Inputs& in) { return in.hidden.is_cuda() && in.low_precision; }
+
+Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
+            const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
+            const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
+            int64_t chunk_size) {
+  const Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in,
+                            coef_kl, chunk_size);
+  const bool want_grad = coef_logp.has_value();
+  if (want_grad) check_token_vector(*coef_logp, in.N, at::kFloat, in.hidden.device(), "coef_logp");
+  const c10::DeviceGuard guard(in.hidden.device());
+
+  Outputs out = make_outputs(in, want_grad);
   at::Tensor grad_scale;
   OptTensor coef_a = coef_logp, coef_k = coef_kl;
   if (want_grad) {
-    out.grad_hidden = at::zeros_like(hidden);
-    out.grad_weight = at::zeros({V, hidden.size(1)}, acc);
-    out.grad_bias = bias ? at::zeros({V}, acc) : at::empty({0}, f32);
-    if (low_precision && N > 0) {
-      grad_scale = coef_logp->abs().max();
-      if (coef_kl) grad_scale = at::maximum(grad_scale, coef_kl->abs().max());
-      grad_scale = at::where(grad_scale > 0, grad_scale, at::ones_like(grad_scale));
+    grad_scale = gradient_scale(in, *coef_logp, coef_kl);
+    if (grad_scale.defined()) {
       coef_a = *coef_logp / grad_scale;
       if (coef_kl) coef_k = *coef_kl / grad_scale;
     }
   }
 
   // Only labelled tokens are computed: prompts and padding (label -100) cost nothing.
-  const at::Tensor labelled = labels.ne(-100);
-  const at::Tensor rows = labelled.nonzero().squeeze(1);
+  const at::Tensor rows = labels.ne(-100).nonzero().squeeze(1);
   const int64_t n_rows = rows.size(0);
-  const bool all_rows = n_rows == N;
-  // cuBLAS accumulates a bf16/fp16 GEMM straight into the fp32 gradient; elsewhere the operands are widened.
-  bool cuda_accumulate = hidden.is_cuda() && low_precision;
+  const bool all_rows = n_rows == in.N;
+  bool cuda_accumulate = cuda_accumulates(in);
 
   for (int64_t start = 0; start < n_rows; start += chunk_size) {
-    const int64_t count = std::min(chunk_size, n_rows - start);
-    const at::Tensor idx = rows.narrow(0, start, count);
-    auto take = [&](const at::Tensor& t) { return all_rows ? t.narrow(0, start, count) : t.index_select(0, idx); };
+    ChunkRows chunk;
+    chunk.count = std::min(chunk_size, n_rows - start);
+    chunk.start = start;
+    chunk.idx = rows.narrow(0, start, chunk.count);
+    chunk.slice = all_rows;
 
-    const at::Tensor h = take(hidden);
-    RowPass pass;
-    pass.logits = chunk_logits(h, weight, bias).contiguous();
-    if (with_ref) pass.ref_logits = chunk_logits(take(*ref_hidden), *ref_weight, ref_bias).contiguous();
-    pass.labels = take(labels).contiguous();
-    if (want_grad) pass.coef_logp = take(*coef_a).contiguous();
-    if (coef_k) pass.coef_kl = take(*coef_k).contiguous();
-    pass.logp = at::empty({count}, f32);
-    if (with_ref) pass.kl = at::empty({count}, f32);
+    const at::Tensor h = chunk.take(in.hidden);
+    RowPass pass = chunk_pass(in, labels, chunk, h);
+    if (want_grad) pass.coef_logp = chunk.take(*coef_a).contiguous();
+    if (coef_k) pass.coef_kl = chunk.take(*coef_k).contiguous();
+    row_pass(pass);
 
-#ifdef WITH_CUDA
-    if (hidden.is_cuda()) row_pass_cuda(pass); else
-#endif
-    row_pass_cpu(pass);
-
-    out.logp.index_copy_(0, idx, pass.logp);
-    if (with_ref) out.kl.index_copy_(0, idx, pass.kl);
-    if (!want_grad) continue;
-
-    const at::Tensor& dz = pass.logits;  // now holds dL/dlogits for the chunk (divided by grad_scale)
-    out.grad_hidden.index_copy_(0, idx, at::mm(dz, weight));
-    if (cuda_accumulate) {
-      try {
-        at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
-      } catch (const c10::Error&) {
-        cuda_accumulate = false;  // some 2.8/2.9 builds refuse an fp32 out for bf16 operands: widen instead
-        out.grad_weight.addmm_(dz.t().to(at::kFloat), h.to(at::kFloat));
-      }
-    } else if (dtype == acc_type) {
-      out.grad_weight.addmm_(dz.t(), h);
-    } else {
-      out.grad_weight.addmm_(dz.t().to(acc_type), h.to(acc_type));
-    }
-    if (bias) out.grad_bias.add_(dz.sum({0}, /*keepdim=*/false, out.grad_bias.scalar_type()));
+    out.logp.index_copy_(0, chunk.idx, pass.logp);
+    if (in.with_ref) out.kl.index_copy_(0, chunk.idx, pass.kl);
+    if (want_grad) accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
   }
-  if (want_grad) {
-    if (grad_scale.defined()) {
-      out.grad_hidden.mul_(grad_scale);  // opmath fp32, rounded once to the model dtype
-      out.grad_weight.mul_(grad_scale);
-      if (bias) out.grad_bias.mul_(grad_scale);
-    }
-    out.grad_weight = out.grad_weight.to(weight.scalar_type());
-    if (bias) out.grad_bias = out.grad_bias.to(bias->scalar_type());
-  }
+  if (want_grad) finish_gradients(in, out, grad_scale);
   return out;
+}
+
+// ----------------------------------------------------------------------------- the group objective
+// sum_g linear_g m_g + sigmoid_g (2/beta) softplus(beta (m_g + shift_g)) + sum_t coef_kl_t KL_t, m_g = S_g / denom_g,
+// S_g = sum of the log-likelihoods of group g's labelled tokens; group_index -1 = no group. dL/dS_g is
+//   (linear_g + 2 sigmoid_g sigmoid(beta (m_g + shift_g))) / denom_g,
+// known before the walk for a linear group (sigmoid_g = 0) and once S_g is complete for a "nonlinear" one.
+//
+// One walk makes the gradients (6 N H V flop, plus the reference logits for KL): the labelled rows are ordered so
+// that every nonlinear group lies whole inside one chunk (its rows first in the chunk, sorted by group; linear
+// rows fill the rest). Per chunk: the logits by GEMM; a row pass without coefficients over the nonlinear rows
+// (their log-likelihoods; the logits stay intact); S_g and the coefficients of the chunk's nonlinear groups; a
+// row pass with coefficients over the whole chunk (logit gradient in place; it recomputes the log-sum-exp, cheap
+// next to the GEMMs); the two gradient GEMMs. A nonlinear group with more labelled rows than the chunk gets a
+// forward-only pre-pass over its own rows (its S_g, hence its coefficient), then walks as a linear one.
+struct GroupOutputs {
+  at::Tensor loss, group_logp;
+  Outputs tokens;
+};
+
+at::Tensor group_coefficients(const at::Tensor& S, const at::Tensor& linear, const at::Tensor& sigmoid,
+                              const at::Tensor& shift, const at::Tensor& denom, double beta) {
+  return (linear + 2 * sigmoid * at::sigmoid(beta * (S / denom + shift))) / denom;
+}
+
+// (G,) -> (G+1,) with a trailing 0: slot G collects the tokens of no group.
+at::Tensor with_no_group_slot(const at::Tensor& per_group) {
+  return at::cat({per_group, at::zeros({1}, per_group.options())});
+}
+
+GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
+                        const at::Tensor& labels, const at::Tensor& group_index, const at::Tensor& linear,
+                        const at::Tensor& sigmoid, const at::Tensor& shift, const at::Tensor& denom, double beta,
+                        const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in, const OptTensor& ref_bias_in,
+                        const OptTensor& coef_kl, int64_t chunk_size) {
+  const Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in,
+                            coef_kl, chunk_size);
+  const auto device = in.hidden.device();
+  check_token_vector(group_index, in.N, at::kLong, device, "group_index");
+  TORCH_CHECK(linear.dim() == 1, "linear must be 1-D (G,), got shape ", linear.sizes());
+  const int64_t G = linear.size(0);
+  auto check_group_vector = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == G, name, " must have shape (G=", G, ",) like linear, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  };
+  check_group_vector(linear, "linear");
+  check_group_vector(sigmoid, "sigmoid");
+  check_group_vector(shift, "shift");
+  check_group_vector(denom, "denom");
+  TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be finite and > 0, got ", beta);
+  const c10::DeviceGuard guard(device);
+
+  Outputs out = make_outputs(in, /*want_grad=*/true);
+  GroupOutputs result;
+
+  // Each token's group, with slot G for "no group" (-1), so that per-group sums need no masking.
+  const at::Tensor in_range = group_index.ge(0).logical_and(group_index.lt(G));
+  const at::Tensor slot = at::where(in_range, group_index, at::full({}, G, group_index.options()));
+  const at::Tensor rows = labels.ne(-100).nonzero().squeeze(1);  // only labelled tokens are computed
+  const int64_t n_rows = rows.size(0);
+  const bool all_rows = n_rows == in.N;
+  const at::Tensor row_slot = all_rows ? slot : slot.index_select(0, rows);
+
+  // One transfer to the host: labelled rows per group, which groups are nonlinear, and the bad group indices.
+  const at::Tensor counts = at::zeros({G + 1}, group_index.options()).index_add_(0, row_slot,
+                                                                              at::ones_like(row_slot));
+  const at::Tensor bad = group_index.ge(-1).logical_and(group_index.lt(G)).logical_not().sum().view({1});
+  const at::Tensor host = at::cat({counts.narrow(0, 0, G), sigmoid.ne(0).to(at::kLong), bad}).cpu();
+  const int64_t* host_counts = host.data_ptr<int64_t>();
+  const int64_t* host_nonlinear = host_counts + G;
+  TORCH_CHECK(host_counts[2 * G] == 0, "group_index values must be -1 (no group) or in [0, G=", G, "), got ",
+              host_counts[2 * G], " outside");
+
+  // Sort keys: g for a nonlinear group that fits a chunk ("packed"), G+1+g for one that does not ("oversized"),
+  // 2G+2 for every other row (linear groups and no group); a stable sort keeps token order within each.
+  const int64_t rest_key = 2 * G + 2;
+  at::Tensor key_of_slot = at::full({G + 1}, rest_key, at::TensorOptions().dtype(at::kLong));
+  int64_t* keys = key_of_slot.data_ptr<int64_t>();
+  int64_t n_packed = 0, n_over = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (!host_nonlinear[g] || host_counts[g] == 0) continue;
+    if (host_counts[g] <= chunk_size) {
+      keys[g] = g;
+      n_packed += host_counts[g];
+    } else {
+      keys[g] = G + 1 + g;
+      n_over += host_counts[g];
+    }
+  }
+  const bool reorder = n_packed + n_over > 0;
+  const at::Tensor ordered =
+      reorder ? rows.index_select(
+                    0, std::get<1>(at::sort(key_of_slot.to(device).index_select(0, row_slot), std::optional<bool>(true), 0)))
+              : rows;
+  // Rows in walk order are a plain slice of the tokens when every token is labelled and nothing is reordered.
+  const bool identity = all_rows && !reorder;
+
+  // Per-token coefficient of the log-likelihood, known before the walk for linear groups: linear_g / denom_g.
+  const at::Tensor linear_coef = with_no_group_slot(linear / denom);
+  at::Tensor token_coef = linear_coef.index_select(0, slot);
+
+  // Forward-only pre-pass over the oversized groups' rows: their S_g, hence their coefficients.
+  for (int64_t start = 0; start < n_over; start += chunk_size) {
+    ChunkRows chunk;
+    chunk.count = std::min(chunk_size, n_over - start);
+    chunk.idx = ordered.narrow(0, n_packed + start, chunk.count);
+    RowPass pass;
+    pass.logits = chunk_logits(chunk.take(in.hidden), in.weight, in.bias).contiguous();
+    pass.labels = chunk.take(labels).contiguous();
+    pass.logp = at::empty({chunk.count}, in.f32);
+    row_pass(pass);
+    out.logp.index_copy_(0, chunk.idx, pass.logp);
+  }
+  if (n_over > 0) {
+    const at::Tensor over_rows = ordered.narrow(0, n_packed, n_over);
+    const at::Tensor over_slot = slot.index_select(0, over_rows);
+    const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, over_slot, out.logp.index_select(0, over_rows));
+    const at::Tensor coef = with_no_group_slot(group_coefficients(S.narrow(0, 0, G), linear, sigmoid, shift, denom,
+                                                                  beta));
+    token_coef.index_copy_(0, over_rows, coef.index_select(0, over_slot));
+  }
+
+  // Gradient scale (low precision): a bound on |coef| known before the walk, (|linear| + 2 |sigmoid|) / denom.
+  const at::Tensor coef_bound = with_no_group_slot((linear.abs() + 2 * sigmoid.abs()) / denom.abs());
+  const at::Tensor grad_scale = gradient_scale(in, coef_bound.index_select(0, row_slot), coef_kl);
+  OptTensor coef_k = coef_kl;
+  if (grad_scale.defined()) {
+    token_coef = token_coef / grad_scale;
+    if (coef_kl) coef_k = *coef_kl / grad_scale;
+  }
+
+  // The walk's plan: whole packed groups (in group order) per chunk, then linear rows (the oversized groups' and
+  // the rest, in ordered[n_packed:]) filling each chunk up to chunk_size.
+  struct Chunk {
+    int64_t packed_start, packed_count, rest_start, rest_count;
+  };
+  std::vector<Chunk> plan;
+  {
+    int64_t pos = 0, chunk_start = 0, filled = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      if (keys[g] != g) continue;
+      if (filled + host_counts[g] > chunk_size) {
+        plan.push_back({chunk_start, filled, 0, 0});
+        chunk_start = pos, filled = 0;
+      }
+      filled += host_counts[g], pos += host_counts[g];
+    }
+    if (filled > 0) plan.push_back({chunk_start, filled, 0, 0});
+    const int64_t n_rest = n_rows - n_packed;
+    int64_t rest = 0;
+    for (Chunk& c : plan) {
+      c.rest_start = rest;
+      c.rest_count = std::min(chunk_size - c.packed_count, n_rest - rest);
+      rest += c.rest_count;
+    }
+    for (; rest < n_rest; rest += chunk_size) plan.push_back({0, 0, rest, std::min(chunk_size, n_rest - rest)});
+  }
+
+  bool cuda_accumulate = cuda_accumulates(in);
+  for (const Chunk& c : plan) {
+    ChunkRows chunk;
+    chunk.count = c.packed_count + c.rest_count;
+    const at::Tensor rest = ordered.narrow(0, n_packed + c.rest_start, c.rest_count);
+    chunk.idx = c.packed_count == 0 ? rest : at::cat({ordered.narrow(0, c.packed_start, c.packed_count), rest});
+    chunk.start = c.rest_start;  // a slice only when nothing is reordered (then there are no packed rows)
+    chunk.slice = identity;
+
+    const at::Tensor h = chunk.take(in.hidden);
+    RowPass pass = chunk_pass(in, labels, chunk, h);
+    at::Tensor coef = chunk.take(token_coef).contiguous();
+    if (c.packed_count > 0) {
+      // The packed groups' log-likelihoods first (logits left intact), then their coefficients.
+      RowPass first;
+      first.logits = pass.logits.narrow(0, 0, c.packed_count);
+      first.labels = pass.labels.narrow(0, 0, c.packed_count);
+      first.logp = at::empty({c.packed_count}, in.f32);
+      row_pass(first);
+      const at::Tensor packed_slot = slot.index_select(0, chunk.idx.narrow(0, 0, c.packed_count));
+      const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, packed_slot, first.logp);
+      at::Tensor group_coef = group_coefficients(S.narrow(0, 0, G), linear, sigmoid, shift, denom, beta);
+      if (grad_scale.defined()) group_coef = group_coef / grad_scale;
+      coef.narrow(0, 0, c.packed_count).copy_(with_no_group_slot(group_coef).index_select(0, packed_slot));
+    }
+    pass.coef_logp = coef;  // (index_select made coef a fresh tensor whenever there are packed rows)
+    if (coef_k) pass.coef_kl = chunk.take(*coef_k).contiguous();
+    row_pass(pass);
+
+    out.logp.index_copy_(0, chunk.idx, pass.logp);
+    if (in.with_ref) out.kl.index_copy_(0, chunk.idx, pass.kl);
+    accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
+  }
+  finish_gradients(in, out, grad_scale);
+
+  // The loss from the complete sums.
+  const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, slot, out.logp).narrow(0, 0, G).contiguous();
+  const at::Tensor mean = S / denom;
+  at::Tensor loss = (linear * mean + sigmoid * (2.0 / beta) * at::softplus(beta * (mean + shift))).sum();
+  if (coef_kl) loss = loss + (out.kl * *coef_kl).sum();
+  result.loss = loss;
+  result.group_logp = S;
+  result.tokens = std::move(out);
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_logprob(const at::Tensor& hidden, const at::Tensor& weight,
@@ -210,12 +474,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, o.logp, o.kl, o.grad_hidden, o.grad_weight, o.grad_bias};
 }
 
+using SevenTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SevenTensors fused_group_objective(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& labels,
+    const at::Tensor& group_index, const at::Tensor& linear, const at::Tensor& sigmoid, const at::Tensor& shift,
+    const at::Tensor& denom, double beta, const OptTensor& ref_hidden, const OptTensor& ref_weight,
+    const OptTensor& ref_bias, const OptTensor& coef_kl, int64_t chunk_size) {
+  GroupOutputs o = run_groups(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
+                              ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size);
+  return {o.loss, o.group_logp, o.tokens.logp, o.tokens.kl, o.tokens.grad_hidden, o.tokens.grad_weight,
+          o.tokens.grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(unlearn_engine, CPU, m) {
   m.impl("fused_logprob", &fused_logprob);
   m.impl("fused_logprob_backward", &fused_logprob_backward);
   m.impl("fused_linear_objective", &fused_linear_objective);
+  m.impl("fused_group_objective", &fused_group_objective);
 }
 
 #ifdef WITH_CUDA
@@ -223,6 +501,7 @@ TORCH_LIBRARY_IMPL(unlearn_engine, CUDA, m) {
   m.impl("fused_logprob", &fused_logprob);
   m.impl("fused_logprob_backward", &fused_logprob_backward);
   m.impl("fused_linear_objective", &fused_linear_objective);
+  m.impl("fused_group_objective", &fused_group_objective);
 }
 #endif
 
