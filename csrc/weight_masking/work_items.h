@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace unlearn_engine {
@@ -22,6 +23,13 @@ inline at::Tensor host_table(at::IntArrayRef sizes, const at::Device& device) {
 
 inline at::Tensor to_device(const at::Tensor& host, const at::Device& device) {
   return device.is_cuda() ? host.to(device, /*non_blocking=*/true) : host;
+}
+
+// A host vector as an int64 tensor on `device`, through a pinned asynchronous copy on CUDA.
+inline at::Tensor device_vector(const std::vector<int64_t>& values, const at::Device& device) {
+  auto t = host_table({static_cast<int64_t>(values.size())}, device);
+  std::copy(values.begin(), values.end(), t.data_ptr<int64_t>());
+  return to_device(t, device);
 }
 
 struct WorkItems {
