@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from unlearn_engine.api.methods import METHODS, get_method
+from unlearn_engine.api.methods import METHODS, PRESET_NAMES, SETTING_DEFAULTS, get_method, resolve_settings
+from unlearn_engine.unlearning_loss import NORMALIZES, POOLINGS
 
 SCOPES = ("full", "lora", "mask")
 PARALLEL = ("ddp", "fsdp")
@@ -19,6 +20,7 @@ PARALLEL = ("ddp", "fsdp")
 # uses the new values). Every other field is part of the run's fingerprint: a resume with another value is
 # refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
 RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
+RMU_TOKENS = ("attended", "labelled")
 
 
 def setting(default, help: str, choices=None):
@@ -31,17 +33,32 @@ class UnlearnConfig:
     steps: int = setting(100, "optimizer steps")
     lr: float = setting(1e-5, "learning rate")
     batch_size: int = setting(4, "forget samples per step (and as many retain samples)")
-    beta: float = setting(0.1, "NPO temperature")
-    forget_weight: float = setting(1.0, "weight of the forget term")
-    retain_weight: float = setting(1.0, "weight of the retain term")
+    preset: str = setting("none", "reproduce a peer codebase's loss: 'open-unlearning' (ga, gd, npo, simnpo, rmu) or "
+                                  "'safety-mirage' (npo, rmu); settings given explicitly win over it",
+                          lambda: PRESET_NAMES)
+    beta: float = setting(None, "NPO / SimNPO temperature (unset: the preset's, else 0.1)")
+    delta: float = setting(None, "SimNPO margin delta (unset: the preset's, else 0)")
+    forget_weight: float = setting(None, "weight of the forget term (unset: the preset's, else 1)")
+    retain_weight: float = setting(None, "weight of the retain term (unset: the preset's, else 1)")
+    retain_npo_weight: float = setting(None, "weight w of the retain-side NPO term -w (2/beta) softplus(beta (m - "
+                                             "m_ref)) (unset: the preset's, else 0)")
+    forget_pooling: str = setting(None, "'sample': mean of per-sample forget terms; 'batch': the batch's forget tokens "
+                                        "pooled as one sample (unset: the preset's, else 'sample'; RMU 'batch')",
+                                  POOLINGS)
+    retain_pooling: str = setting(None, "the same for the retain terms", POOLINGS)
+    forget_normalize: str = setting(None, "forget log-likelihood: 'mean' over tokens or 'sum' (unset: the preset's, "
+                                          "else 'mean')", NORMALIZES)
+    retain_normalize: str = setting(None, "the same for the retain log-likelihood", NORMALIZES)
     scope: str = setting("full", "what is trained: 'full' (the weights the method trains), 'lora' (LoRA adapters "
                                  "on the language model, merged back at the end), 'mask' (saliency top fraction)",
                          SCOPES)
     mask_fraction: float = setting(0.05, "scope 'mask': fraction of the weights trained")
     lora_rank: int = setting(8, "scope 'lora': adapter rank")
     rmu_layer: int = setting(1, "RMU: steer this decoder layer's output; train down_proj of the 3 layers up to it")
-    rmu_coeff: float = setting(20.0, "RMU: norm of the control vector")
-    rmu_alpha: float = setting(10.0, "RMU: weight of the retain term")
+    rmu_coeff: float = setting(None, "RMU: norm of the control vector (unset: the preset's, else 20)")
+    rmu_alpha: float = setting(None, "RMU: weight of the retain term (unset: the preset's, else 10)")
+    rmu_tokens: str = setting(None, "RMU: rows compared, 'attended' (every non-padding position) or 'labelled' "
+                                    "(answer positions) (unset: the preset's, else 'attended')", RMU_TOKENS)
     nll_bound: float = setting(15.0, "divergence guard: stop ascending a forget sample once its NLL passes this")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
@@ -52,7 +69,18 @@ class UnlearnConfig:
     max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
 
     def validate(self) -> "UnlearnConfig":
+        """The checked config with every unset (None) loss setting resolved: the preset's value, else the method's
+        default, else SETTING_DEFAULTS. Validating a resolved config returns an equal one."""
         method = get_method(self.method)
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
+        self = dataclasses.replace(self, **resolve_settings(self.method, self.preset, {
+            name: getattr(self, name) for name in SETTING_DEFAULTS}))
+        for name, choices in (("forget_pooling", POOLINGS), ("retain_pooling", POOLINGS),
+                              ("forget_normalize", NORMALIZES), ("retain_normalize", NORMALIZES),
+                              ("rmu_tokens", RMU_TOKENS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.parallel not in PARALLEL:
@@ -70,8 +98,8 @@ class UnlearnConfig:
         for name in ("lr", "beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("forget_weight", "retain_weight", "rmu_alpha", "weight_decay", "nll_bound", "checkpoint_every",
-                     "rmu_layer", "keep_checkpoints"):
+        for name in ("forget_weight", "retain_weight", "retain_npo_weight", "rmu_alpha", "weight_decay", "nll_bound",
+                     "checkpoint_every", "rmu_layer", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.mask_fraction <= 1:
