@@ -184,7 +184,7 @@ def test_without_preset_the_losses_differ(models):
     model, ref = models
     batch = make_batch(SAMPLES)
     f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
-    for preset, forget, retain, peer, hp in FUSED_CASES:
+    for _preset, forget, retain, peer, hp in FUSED_CASES:
         inputs = with_ref_logp(batch, ref, "mean", "mean")
         beta = hp.get("beta", hp.get("npo_beta", 0.1))
         weights = dict(forget_weight=hp.get("gamma", 1.0)) if forget == "simnpo" else {}
