@@ -23,6 +23,14 @@ RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
 RMU_TOKENS = ("attended", "labelled")
 
 
+class ResolvedFloat(float):
+    """A loss setting's value filled in from the preset or the defaults, not given by the user (equal to the float)."""
+
+
+class ResolvedStr(str):
+    """The same for a string setting."""
+
+
 def setting(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -68,14 +76,31 @@ class UnlearnConfig:
                                        "complete (0: keep all)")
     max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
 
+    def __post_init__(self):
+        self._resolve(strict=False)  # a bad method or preset is reported by validate()
+
+    def _resolve(self, strict: bool) -> None:
+        """Fills every unset (None) loss setting: the preset's value, else the method's default, else
+        SETTING_DEFAULTS. Filled values are marked (Resolved*), so a copy with another preset or method
+        (dataclasses.replace) resolves them again, while values the user gave stay as given."""
+        given = {name: None if isinstance(getattr(self, name), (ResolvedFloat, ResolvedStr)) else getattr(self, name)
+                 for name in SETTING_DEFAULTS}
+        try:
+            values = resolve_settings(self.method, self.preset, given)
+        except ValueError:
+            if strict:
+                raise
+            return
+        for name, value in values.items():
+            if given[name] is None:
+                setattr(self, name, ResolvedStr(value) if isinstance(value, str) else ResolvedFloat(value))
+
     def validate(self) -> "UnlearnConfig":
-        """The checked config with every unset (None) loss setting resolved: the preset's value, else the method's
-        default, else SETTING_DEFAULTS. Validating a resolved config returns an equal one."""
+        """Checks the settings (ValueError naming the setting) after resolving the unset ones; returns self."""
         method = get_method(self.method)
         if self.preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
-        self = dataclasses.replace(self, **resolve_settings(self.method, self.preset, {
-            name: getattr(self, name) for name in SETTING_DEFAULTS}))
+        self._resolve(strict=True)
         for name, choices in (("forget_pooling", POOLINGS), ("retain_pooling", POOLINGS),
                               ("forget_normalize", NORMALIZES), ("retain_normalize", NORMALIZES),
                               ("rmu_tokens", RMU_TOKENS)):

@@ -10,6 +10,8 @@ Our batch mixes them: forget samples of unequal answer lengths, retain samples o
 and an emptied forget sample (no labelled token) that the peer's batches do not hold (the peers give it a constant
 NPO term or NaN; our contract leaves it out)."""
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -238,6 +240,12 @@ def test_unlearn_config_preset_resolution():
     c = UnlearnConfig(method="npo", preset="safety-mirage", beta=0.2).validate()
     assert (c.beta, c.retain_npo_weight, c.forget_pooling, c.retain_pooling) == (0.2, 1.0, "batch", "batch")
     assert c.validate() == c  # a resolved config resolves to itself
+    # a copy with another preset or method re-resolves the filled-in values, never the ones given
+    c = dataclasses.replace(UnlearnConfig(method="npo", retain_weight=0.5), preset="safety-mirage").validate()
+    assert (c.beta, c.retain_npo_weight, c.retain_weight) == (0.9, 1.0, 0.5)
+    c = dataclasses.replace(UnlearnConfig(method="npo", preset="open-unlearning"), method="simnpo").validate()
+    assert (c.beta, c.forget_weight, c.forget_normalize) == (4.5, 0.125, "mean")
+    assert json.loads(json.dumps(dataclasses.asdict(c)))["beta"] == 4.5
     c = UnlearnConfig(method="npo").validate()  # no preset: today's defaults
     assert (c.beta, c.retain_npo_weight, c.forget_pooling, c.forget_normalize) == (0.1, 0.0, "sample", "mean")
     assert UnlearnConfig(method="rmu").validate().forget_pooling == "batch"
