@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from unlearn_engine.api.methods import METHODS, get_method
+from unlearn_engine.api.methods import METHODS, PRESET_NAMES, SETTING_DEFAULTS, get_method, resolve_settings
+from unlearn_engine.unlearning_loss import NORMALIZES, POOLINGS
 
 SCOPES = ("full", "lora", "mask")
 PARALLEL = ("ddp", "fsdp")
@@ -19,6 +20,15 @@ PARALLEL = ("ddp", "fsdp")
 # uses the new values). Every other field is part of the run's fingerprint: a resume with another value is
 # refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
 RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
+RMU_TOKENS = ("attended", "labelled")
+
+
+class ResolvedFloat(float):
+    """A loss setting's value filled in from the preset or the defaults, not given by the user (equal to the float)."""
+
+
+class ResolvedStr(str):
+    """The same for a string setting."""
 
 
 def setting(default, help: str, choices=None):
@@ -31,17 +41,32 @@ class UnlearnConfig:
     steps: int = setting(100, "optimizer steps")
     lr: float = setting(1e-5, "learning rate")
     batch_size: int = setting(4, "forget samples per step (and as many retain samples)")
-    beta: float = setting(0.1, "NPO temperature")
-    forget_weight: float = setting(1.0, "weight of the forget term")
-    retain_weight: float = setting(1.0, "weight of the retain term")
+    preset: str = setting("none", "reproduce a peer codebase's loss: 'open-unlearning' (ga, gd, npo, simnpo, rmu) or "
+                                  "'safety-mirage' (npo, rmu); settings given explicitly win over it",
+                          lambda: PRESET_NAMES)
+    beta: float = setting(None, "NPO / SimNPO temperature (unset: the preset's, else 0.1)")
+    delta: float = setting(None, "SimNPO margin delta (unset: the preset's, else 0)")
+    forget_weight: float = setting(None, "weight of the forget term (unset: the preset's, else 1)")
+    retain_weight: float = setting(None, "weight of the retain term (unset: the preset's, else 1)")
+    retain_npo_weight: float = setting(None, "weight w of the retain-side NPO term -w (2/beta) softplus(beta (m - "
+                                             "m_ref)) (unset: the preset's, else 0)")
+    forget_pooling: str = setting(None, "'sample': mean of per-sample forget terms; 'batch': the batch's forget tokens "
+                                        "pooled as one sample (unset: the preset's, else 'sample'; RMU 'batch')",
+                                  POOLINGS)
+    retain_pooling: str = setting(None, "the same for the retain terms", POOLINGS)
+    forget_normalize: str = setting(None, "forget log-likelihood: 'mean' over tokens or 'sum' (unset: the preset's, "
+                                          "else 'mean')", NORMALIZES)
+    retain_normalize: str = setting(None, "the same for the retain log-likelihood", NORMALIZES)
     scope: str = setting("full", "what is trained: 'full' (the weights the method trains), 'lora' (LoRA adapters "
                                  "on the language model, merged back at the end), 'mask' (saliency top fraction)",
                          SCOPES)
     mask_fraction: float = setting(0.05, "scope 'mask': fraction of the weights trained")
     lora_rank: int = setting(8, "scope 'lora': adapter rank")
     rmu_layer: int = setting(1, "RMU: steer this decoder layer's output; train down_proj of the 3 layers up to it")
-    rmu_coeff: float = setting(20.0, "RMU: norm of the control vector")
-    rmu_alpha: float = setting(10.0, "RMU: weight of the retain term")
+    rmu_coeff: float = setting(None, "RMU: norm of the control vector (unset: the preset's, else 20)")
+    rmu_alpha: float = setting(None, "RMU: weight of the retain term (unset: the preset's, else 10)")
+    rmu_tokens: str = setting(None, "RMU: rows compared, 'attended' (every non-padding position) or 'labelled' "
+                                    "(answer positions) (unset: the preset's, else 'attended')", RMU_TOKENS)
     nll_bound: float = setting(15.0, "divergence guard: stop ascending a forget sample once its NLL passes this")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
@@ -51,8 +76,36 @@ class UnlearnConfig:
                                        "complete (0: keep all)")
     max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
 
+    def __post_init__(self):
+        self._resolve(strict=False)  # a bad method or preset is reported by validate()
+
+    def _resolve(self, strict: bool) -> None:
+        """Fills every unset (None) loss setting: the preset's value, else the method's default, else
+        SETTING_DEFAULTS. Filled values are marked (Resolved*), so a copy with another preset or method
+        (dataclasses.replace) resolves them again, while values the user gave stay as given."""
+        given = {name: None if isinstance(getattr(self, name), (ResolvedFloat, ResolvedStr)) else getattr(self, name)
+                 for name in SETTING_DEFAULTS}
+        try:
+            values = resolve_settings(self.method, self.preset, given)
+        except ValueError:
+            if strict:
+                raise
+            return
+        for name, value in values.items():
+            if given[name] is None:
+                setattr(self, name, ResolvedStr(value) if isinstance(value, str) else ResolvedFloat(value))
+
     def validate(self) -> "UnlearnConfig":
+        """Checks the settings (ValueError naming the setting) after resolving the unset ones; returns self."""
         method = get_method(self.method)
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
+        self._resolve(strict=True)
+        for name, choices in (("forget_pooling", POOLINGS), ("retain_pooling", POOLINGS),
+                              ("forget_normalize", NORMALIZES), ("retain_normalize", NORMALIZES),
+                              ("rmu_tokens", RMU_TOKENS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.parallel not in PARALLEL:
@@ -70,8 +123,8 @@ class UnlearnConfig:
         for name in ("lr", "beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("forget_weight", "retain_weight", "rmu_alpha", "weight_decay", "nll_bound", "checkpoint_every",
-                     "rmu_layer", "keep_checkpoints"):
+        for name in ("forget_weight", "retain_weight", "retain_npo_weight", "rmu_alpha", "weight_decay", "nll_bound",
+                     "checkpoint_every", "rmu_layer", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.mask_fraction <= 1:

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from unlearn_engine.api.data import Record
-from unlearn_engine.roles import FORGET
+from unlearn_engine.roles import FORGET, RETAIN
 from unlearn_engine.unlearning_loss import rmu_loss
 
 
@@ -46,6 +46,7 @@ class UnlearningMethod:
     needs_ref_logp = False    # only the starting model's log-likelihoods: computed once, no copy kept (NPO)
     needs_retain = False      # fit() refuses an empty retain set
     supports_lora = True
+    defaults: dict = {}       # this method's own defaults of the loss settings (SETTING_DEFAULTS otherwise)
 
     def trainable_modules(self, model, config) -> List[torch.nn.Module]:
         """The modules whose weights this method updates under scope 'full' (and 'mask')."""
@@ -88,15 +89,23 @@ class FusedObjective(UnlearningMethod):
         self.needs_retain = retain is not None
 
     def loss(self, run, forget, retain, step):
-        batch = run.batch(forget, retain if self.retain else [], step)
+        batch = run.batch(forget, retain if self.retain or run.config.retain_npo_weight else [], step)
         c = run.config
         return run.fused_loss(batch, forget=self.forget, retain=self.retain, forget_weight=c.forget_weight,
-                              retain_weight=c.retain_weight)
+                              retain_weight=c.retain_weight, **fused_settings(c))
+
+
+def fused_settings(config) -> dict:
+    """The fused loss's pooling / normalisation / SimNPO / retain-side NPO settings of a resolved UnlearnConfig."""
+    return {k: getattr(config, k) for k in ("delta", "retain_npo_weight", "forget_pooling", "retain_pooling",
+                                            "forget_normalize", "retain_normalize")}
 
 
 for _method in (FusedObjective("ga", "ga", None, "gradient ascent on the forget set"),
                 FusedObjective("gd", "ga", "nll", "gradient difference: ascent on forget, NLL on retain"),
                 FusedObjective("npo", "npo", "nll", "NPO against the frozen model, NLL on retain"),
+                FusedObjective("simnpo", "simnpo", "nll", "SimNPO (no reference: softplus of the length-normalised "
+                                                          "log-likelihood + delta), NLL on retain"),
                 FusedObjective("kl", "ga", "kl", "ascent on forget, KL to the frozen model on retain")):
     register_method(_method)
 
@@ -112,6 +121,7 @@ class RMU(UnlearningMethod):
     needs_reference = True
     needs_retain = True
     supports_lora = False
+    defaults = dict(forget_pooling="batch", retain_pooling="batch")  # every row of the batch weighs the same
 
     def check(self, config):
         if config.scope == "lora":
@@ -141,10 +151,30 @@ class RMU(UnlearningMethod):
         acts = layer_out(run.model)
         with torch.no_grad():
             ref_acts = layer_out(run.ref_model)
-        mask = batch["attention_mask"].bool()  # padding positions count in neither term
-        is_forget = batch["roles"] == FORGET
-        f_mask, r_mask = mask & is_forget[:, None], mask & ~is_forget[:, None]
-        return rmu_loss(acts[f_mask], self.control(run), acts[r_mask], ref_acts[r_mask], alpha=c.rmu_alpha), {}
+        # rows: every attended position (padding counts in neither term), or only the labelled (answer) positions
+        rows = batch["attention_mask"].bool() if c.rmu_tokens == "attended" else batch["labels"] != -100
+        roles = torch.tensor(run.host_roles(batch), device=rows.device)
+        f_rows, r_rows = rows & (roles == FORGET)[:, None], rows & (roles == RETAIN)[:, None]
+        control = self.control(run)
+        forget_act = weighted_rows(acts, control, f_rows, c.forget_pooling, c.forget_weight)
+        retain_act = weighted_rows(acts, ref_acts, r_rows, c.retain_pooling, 1.0)
+        return rmu_loss(forget_act, control, retain_act, ref_acts[r_rows], alpha=c.rmu_alpha), {}
+
+
+def weighted_rows(acts, target, rows, pooling: str, weight: float):
+    """The selected rows of acts (B, T, H), rescaled about `target` ((H,) or (B, T, H)) so that rmu_loss's mean over
+    rows of mean_h (row - target)^2 becomes weight * that mean under "batch" pooling, or weight * the mean over
+    samples of each sample's mean over its rows under "sample" pooling (samples without rows left out)."""
+    if pooling == "batch" and weight == 1.0:
+        return acts[rows]  # as is: no rounding of low-precision activations
+    counts = rows.sum(1, keepdim=True).expand_as(rows)[rows].float()  # the row's sample's number of rows
+    target = target.expand_as(acts)[rows] if target.dim() == 1 else target[rows]
+    if pooling == "batch":
+        scale = torch.full_like(counts, weight)
+    else:
+        samples = (rows.sum(1) > 0).sum()
+        scale = weight * rows.sum() / (samples.clamp(min=1) * counts)
+    return target + scale.sqrt().to(acts.dtype)[:, None] * (acts[rows] - target)
 
 
 @register_method
@@ -173,3 +203,63 @@ class Textual(UnlearningMethod):
         loss_b, _ = run.fused_loss(run.batch([], retain, step), forget="ga", retain="kl", forget_weight=0.0,
                                    retain_weight=1.0)
         return loss_a + loss_b, {"forget_nll": stats.get("forget_nll")}
+
+
+# ----------------------------------------------------------------------------- settings and peer presets
+# The loss settings a preset or a method may set, and their values when neither does.
+SETTING_DEFAULTS = dict(beta=0.1, delta=0.0, forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0,
+                        forget_pooling="sample", retain_pooling="sample", forget_normalize="mean",
+                        retain_normalize="mean", rmu_coeff=20.0, rmu_alpha=10.0, rmu_tokens="attended")
+
+# Settings that reproduce a peer codebase's loss on the same batch (README: "Matching open-unlearning and Safety
+# Mirage"), by our method name; hyper-parameters are the peer's shipped defaults. Its names, in the comments.
+PRESETS = {
+    "open-unlearning": {  # locuslab/open-unlearning, src/trainer/unlearn/*.py and configs/trainer/*.yaml
+        # GradAscent: -model(**forget).loss, the token mean over the whole forget batch
+        "ga": dict(forget_pooling="batch", forget_normalize="mean"),
+        # GradDiff: gamma * forget + alpha * retain NLL, both token means over their batch
+        "gd": dict(forget_pooling="batch", forget_normalize="mean", retain_pooling="batch", retain_normalize="mean",
+                   forget_weight=1.0, retain_weight=1.0),
+        # NPO (compute_dpo_loss): per forget sample, summed log-likelihood; beta 0.1, gamma 1, alpha 1
+        "npo": dict(beta=0.1, forget_pooling="sample", forget_normalize="sum", retain_pooling="batch",
+                    retain_normalize="mean", forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0),
+        # SimNPO: per forget sample, length-normalised; beta 4.5, delta 0, gamma 0.125, alpha 1
+        "simnpo": dict(beta=4.5, delta=0.0, forget_pooling="sample", forget_normalize="mean",
+                       retain_pooling="batch", retain_normalize="mean", forget_weight=0.125, retain_weight=1.0),
+        # RMU (compute_activation_loss over labels != -100, per sample; EMBED_DIFF retain): steering_coeff 2,
+        # gamma 1, alpha 1
+        "rmu": dict(rmu_tokens="labelled", forget_pooling="sample", retain_pooling="sample", forget_weight=1.0,
+                    rmu_alpha=1.0, rmu_coeff=2.0),
+    },
+    "safety-mirage": {  # OPTML-Group/VLM-Safety-Unlearn, LLaVAUnlearnTrainer.training_step, scripts/v1_5/*.sh
+        # NPO: one softplus of the batch-pooled token mean (model loss); npo_beta 0.9, npo_forget_alpha 1,
+        # npo_llava_loss_weight 1 (retain NLL), npo_retain_alpha 1 (retain-side NPO), as finetune_unlearn_npo.sh
+        "npo": dict(beta=0.9, forget_pooling="batch", forget_normalize="mean", retain_pooling="batch",
+                    retain_normalize="mean", forget_weight=1.0, retain_weight=1.0, retain_npo_weight=1.0),
+        # RMU: mse_loss over every activation element of the batch; rmu_steering_coeffs 10, rmu_retain_alpha 1
+        "rmu": dict(rmu_tokens="attended", forget_pooling="batch", retain_pooling="batch", forget_weight=1.0,
+                    rmu_alpha=1.0, rmu_coeff=10.0),
+    },
+}
+PRESET_NAMES = ("none", *PRESETS)
+
+
+def resolve_settings(method: str, preset: str | None, given: Dict[str, object]) -> Dict[str, object]:
+    """Every loss setting of SETTING_DEFAULTS: the value the user gave (not None) wins over the preset's, which
+    wins over the method's own default, which wins over SETTING_DEFAULTS. ValueError naming the preset and the
+    method when the preset has no counterpart of the method."""
+    preset = None if preset in (None, "none") else preset
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+    table = {}
+    if preset is not None:
+        if method not in PRESETS[preset]:
+            raise ValueError(f"preset {preset!r} has no counterpart of method {method!r}: it supports "
+                             f"{', '.join(repr(m) for m in PRESETS[preset])}")
+        table = PRESETS[preset][method]
+    own = METHODS[method].defaults if method in METHODS else {}
+    out = {}
+    for name, default in SETTING_DEFAULTS.items():
+        value = given.get(name)
+        out[name] = value if value is not None else table.get(name, own.get(name, default))
+    return out

@@ -122,8 +122,7 @@ class Unlearner:
     def __init__(self, model: torch.nn.Module, tokenizer, config: UnlearnConfig | None = None, *,
                  ref_model: torch.nn.Module | None = None, out_dir: str | None = None, progress: bool = True,
                  fingerprint: dict | None = None, image_loader=None, **overrides) -> None:
-        config = dataclasses.replace(config or UnlearnConfig(), **overrides)
-        config.validate()
+        config = dataclasses.replace(config or UnlearnConfig(), **overrides).validate()  # unset settings resolved
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor (as load_vlm returns) carries one
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.method = get_method(config.method)
@@ -142,7 +141,8 @@ class Unlearner:
         # (FSDP2 shards the model before fit(): NPO then computes its reference values from an unsharded copy,
         # dropped after the precompute)
         sharded = self.world > 1 and config.parallel == "fsdp"
-        needs_ref = self.method.needs_reference or (sharded and self.method.needs_ref_logp)
+        needs_ref_logp = self.method.needs_ref_logp or config.retain_npo_weight > 0
+        needs_ref = self.method.needs_reference or (sharded and needs_ref_logp)
         self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
@@ -293,9 +293,17 @@ class Unlearner:
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
         batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
                                  **self._image_args(records)), self.model)
-        batch["roles"] = torch.tensor([FORGET] * len(f_idx) + [RETAIN] * len(r_idx), device=self.device)
+        batch["role_list"] = [FORGET] * len(f_idx) + [RETAIN] * len(r_idx)  # on the host: no device sync to read
+        batch["roles"] = torch.tensor(batch["role_list"], device=self.device)
         batch["ids"] = [("f", i) for i in f_idx] + [("r", i) for i in r_idx]
         return batch
+
+    @staticmethod
+    def host_roles(batch) -> List[int]:
+        """The batch's roles as a host list (from the batch's records, never read back from the device)."""
+        if "role_list" in batch:
+            return list(batch["role_list"])
+        return [FORGET if key[0] == "f" else RETAIN for key in batch["ids"]]
 
     def _image_args(self, records, loader=None):
         if not any(r.image for r in records):
@@ -337,55 +345,71 @@ class Unlearner:
         return sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
                                 bias=head.bias)
 
+    def _needs_ref_logp(self) -> bool:
+        return self.method.needs_ref_logp or self.config.retain_npo_weight > 0
+
+    def _ref_normalize(self, kind: str) -> str:
+        """The normalize setting of the group whose reference values a cache key of this kind holds."""
+        return self.config.forget_normalize if kind == "f" else self.config.retain_normalize
+
     @torch.no_grad()
-    def _precompute_ref_logp(self, forget: Sequence[Record]) -> None:
-        """Reference log-likelihood of every forget sample not yet cached, from the frozen reference or the model
-        before its first step; then the reference model is dropped unless the method needs its activations."""
-        missing = [i for i in range(len(forget)) if ("f", i) not in self._ref_logp_cache]
+    def _precompute_ref_logp(self, forget: Sequence[Record], retain: Sequence[Record] = ()) -> None:
+        """Reference log-likelihood (in its group's normalize setting) of every forget sample, and of every retain
+        sample when the retain-side NPO term is on, not yet cached, from the frozen reference or the model before its
+        first step; then the reference model is dropped unless the method needs its activations."""
         reference = self.ref_model if self.ref_model is not None else self.model
         was_training = reference.training
         reference.eval()
+        groups = [("f", forget)] + ([("r", retain)] if self.config.retain_npo_weight > 0 else [])
         try:
-            for start in range(0, len(missing), self.config.batch_size):
-                idx = missing[start:start + self.config.batch_size]
-                records = [forget[i] for i in idx]
-                batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
-                                         **self._image_args(records)), reference)
-                values = reference_logp(reference, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
-                for i, v in zip(idx, values.tolist()):
-                    self._ref_logp_cache[("f", i)] = v
+            for kind, records_of in groups:
+                missing = [i for i in range(len(records_of)) if (kind, i) not in self._ref_logp_cache]
+                for start in range(0, len(missing), self.config.batch_size):
+                    idx = missing[start:start + self.config.batch_size]
+                    records = [records_of[i] for i in idx]
+                    batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
+                                             **self._image_args(records)), reference)
+                    values = reference_logp(reference, batch["input_ids"], batch["labels"],
+                                            normalize=self._ref_normalize(kind), **self.model_inputs(batch))
+                    for i, v in zip(idx, values.tolist()):
+                        self._ref_logp_cache[(kind, i)] = v
         finally:
             reference.train(was_training)
         if not self.method.needs_reference:
             self.ref_model = None
 
     def _ref_logp(self, batch):
-        """(B,) reference values of the batch's forget samples; retain entries are not read by forget='npo' with
-        a plain retain term (they would be with retain_npo_weight, which no registered method uses): 0."""
-        missing = [i for i, key in enumerate(batch["ids"])
-                   if key not in self._ref_logp_cache and batch["roles"][i] == FORGET]
+        """(B,) reference values of the batch's samples, each in its group's normalize setting: forget samples, and
+        retain samples when the retain-side NPO term is on; entries no term reads are 0."""
+        roles = self.host_roles(batch)
+        wanted = {FORGET} | ({RETAIN} if self.config.retain_npo_weight > 0 else set())
+        missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache and roles[i] in wanted]
         if missing:
             if self.ref_model is None:
                 raise ValueError(f"no reference log-likelihood for sample(s) {[batch['ids'][i] for i in missing]}: "
                                  "the reference model was freed after the precompute")
-            values = reference_logp(self.ref_model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
+            values = {normalize: reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
+                                                normalize=normalize, **self.model_inputs(batch)).tolist()
+                      for normalize in {self._ref_normalize(batch["ids"][i][0]) for i in missing}}
             for i in missing:
-                self._ref_logp_cache[batch["ids"][i]] = float(values[i])
+                key = batch["ids"][i]
+                self._ref_logp_cache[key] = values[self._ref_normalize(key[0])][i]
         return torch.tensor([self._ref_logp_cache.get(k, 0.0) for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
     def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
-                   retain_weight: float = 1.0, guard: bool = True):
+                   retain_weight: float = 1.0, guard: bool = True, **settings):
         """The fused unlearning loss of `batch` and its per-group NLL stats; the divergence guard drops forget
-        samples whose NLL passed nll_bound from gradient ascent."""
+        samples whose NLL passed nll_bound from gradient ascent. `settings`: the fused loss's pooling, normalize,
+        delta and retain_npo_weight (methods.fused_settings of the config)."""
         hidden, labels, sample_index = self._hidden(self.model, batch)
-        roles = batch["roles"].clone()
+        roles = self.host_roles(batch)  # decided on the host: the guard below makes no device sync
         if guard and forget == "ga":
-            for i, key in enumerate(batch["ids"]):
-                if roles[i] == FORGET and self._forget_nll.get(key, 0.0) > self.config.nll_bound:
-                    roles[i] = IGNORE
-        extra = {}
-        if forget == "npo":
+            roles = [IGNORE if role == FORGET and self._forget_nll.get(key, 0.0) > self.config.nll_bound else role
+                     for key, role in zip(batch["ids"], roles)]
+        roles = torch.tensor(roles, device=self.device)
+        extra = dict(settings)
+        if forget == "npo" or settings.get("retain_npo_weight", 0.0) > 0:
             extra["ref_logp"] = self._ref_logp(batch)
         if retain == "kl":
             with torch.no_grad():
@@ -430,8 +454,8 @@ class Unlearner:
         ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint) if resume and ckpt_dir else None
         if ckpt is not None:  # the stored reference values: none is recomputed from the restored weights
             self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in ckpt["state"].get("ref_logp", {}).items()}
-        if self.method.needs_ref_logp:  # before the first step (and before a checkpoint's weights are applied)
-            self._precompute_ref_logp(forget)
+        if self._needs_ref_logp():  # before the first step (and before a checkpoint's weights are applied)
+            self._precompute_ref_logp(forget, retain)
         if ckpt is not None:
             state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
             with torch.no_grad():

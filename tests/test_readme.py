@@ -523,6 +523,9 @@ def check_outputs(argv: list, stdout: str, cwd: Path):
             for f in (out / "model").glob("*.safetensors"):
                 with safe_open(str(f), "pt") as st:
                     assert not [k for k in st.keys() if "lora_" in k]
+        if "--preset" in argv:  # the preset's settings resolved into OUT/config.json (safety-mirage NPO)
+            assert settings["preset"] == _flag(argv, "--preset") == "safety-mirage"
+            assert (settings["beta"], settings["retain_npo_weight"], settings["forget_pooling"]) == (0.9, 1.0, "batch")
         if config_file:  # settings from the file; flags win
             assert (settings["steps"], settings["dtype"], settings["device"]) == (2, "float32", "cpu")
             assert settings["lr"] == float(_flag(argv, "--lr"))

@@ -133,3 +133,54 @@ def test_resume_restores_rng_state(tiny_llava_dir, tmp_path):
     assert py_resumed == py_straight, "Python RNG state not restored on resume"
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@torch.no_grad()
+def _token_nll(model, tok, records):
+    """(per-record NLL sums, per-record labelled-token counts) from the model's full logits."""
+    batch = encode(records, tok)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return -token.sum(1), keep.sum(1)
+
+
+def test_presets_step1_loss(tiny_llava_dir):
+    """Catches the Unlearner dropping the preset (or its retain-side reference values): at step 1 the model equals
+    its reference. safety-mirage NPO: (2/0.9) ln 2 for the pooled forget group, -1 * (2/0.9) ln 2 for the pooled
+    retain group, + the retain NLL pooled over tokens. open-unlearning SimNPO: 0.125 * mean over forget samples of
+    (2/4.5) softplus(4.5 m_b) + the pooled retain NLL."""
+    model, tok = _load(tiny_llava_dir)
+    r_sum, r_n = _token_nll(model, tok, RETAIN)
+    f_sum, f_n = _token_nll(model, tok, FORGET)
+    pooled_retain = float(r_sum.sum() / r_n.sum())
+    record, unlearner = _step1_loss(model, tok, FORGET, RETAIN, method="npo", preset="safety-mirage")
+    assert unlearner.config.retain_npo_weight == 1.0 and unlearner.config.beta == 0.9
+    assert record["loss"] == pytest.approx(pooled_retain, rel=1e-5)  # +-(2/beta) ln 2 cancel
+    model, tok = _load(tiny_llava_dir)
+    record, _ = _step1_loss(model, tok, FORGET, RETAIN, method="npo", preset="safety-mirage", retain_npo_weight=0.5)
+    assert record["loss"] == pytest.approx(0.5 * (2 / 0.9) * math.log(2) + pooled_retain, rel=1e-5)
+    model, tok = _load(tiny_llava_dir)
+    record, _ = _step1_loss(model, tok, FORGET, RETAIN, method="simnpo", preset="open-unlearning")
+    simnpo = (2 / 4.5) * torch.nn.functional.softplus(4.5 * (-f_sum / f_n))
+    assert record["loss"] == pytest.approx(0.125 * float(simnpo.mean()) + pooled_retain, rel=1e-5)
+
+
+def test_open_unlearning_npo_step1_uses_summed_reference(tiny_llava_dir):
+    """open-unlearning NPO against a reference that differs from the model: per forget sample
+    (2/0.1) softplus(0.1 (S_b - S_ref,b)) with S the summed log-likelihood, so the precomputed reference values must
+    be sums too (catches them being computed as token means)."""
+    model, tok = _load(tiny_llava_dir)
+    ref, _ = _load(tiny_llava_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.9)
+    f_sum, _ = _token_nll(model, tok, FORGET)
+    ref_sum, _ = _token_nll(ref, tok, FORGET)
+    r_sum, r_n = _token_nll(model, tok, RETAIN)
+    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="npo", preset="open-unlearning", steps=1, lr=1e-3,
+                             batch_size=8, progress=False)
+    record = unlearner.fit(FORGET, RETAIN)[0]
+    npo = (2 / 0.1) * torch.nn.functional.softplus(0.1 * (-f_sum + ref_sum))
+    assert record["loss"] == pytest.approx(float(npo.mean() + r_sum.sum() / r_n.sum()), rel=1e-5)

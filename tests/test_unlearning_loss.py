@@ -47,7 +47,7 @@ def run(fn, case, grad_scale=1.0, **options):
     """Loss + grads of hidden, weight, bias (inputs cloned so both sides start equal)."""
     inputs = {k: (v.detach().clone().requires_grad_(k in ("hidden", "weight", "bias")) if v is not None else None)
               for k, v in case.items()}
-    if options.get("forget") != "npo":
+    if options.get("forget") != "npo" and not options.get("retain_npo_weight"):
         inputs.pop("ref_logp")
     if options.get("retain") != "kl":
         inputs.pop("ref_hidden"), inputs.pop("ref_weight")
@@ -89,6 +89,99 @@ def test_matches_reference_fp32(device, forget, retain, length_normalize):
                    forget_weight=0.7, retain_weight=1.3)
     fused = run(ue.unlearning_loss, case, grad_scale=2.5, chunk_size=7, **options)
     assert_matches(fused, reference(case, grad_scale=2.5, **options), torch.float32)
+
+
+# Pooling, per-group normalisation, SimNPO and the retain-side NPO term (issue 13): every combination against the
+# reference, values and gradients, on a batch with two forget and two retain samples of unequal lengths, an IGNORE
+# sample and an emptied one (make_case's sample 3, a forget sample here, left out of the forget mean and pool).
+GROUP_OPTIONS = [
+    dict(forget="ga", retain="nll", forget_pooling="batch", retain_pooling="batch"),
+    dict(forget="ga", retain="nll", forget_pooling="batch", forget_normalize="sum", retain_normalize="mean"),
+    dict(forget="npo", retain="nll", forget_normalize="sum", retain_pooling="batch"),
+    dict(forget="npo", retain="nll", forget_pooling="batch", retain_pooling="batch", retain_npo_weight=0.6),
+    dict(forget="npo", retain="kl", forget_pooling="batch", retain_pooling="batch", retain_normalize="sum"),
+    dict(forget="ga", retain="kl", retain_pooling="batch"),
+    dict(forget="simnpo", retain="nll", delta=0.4, retain_pooling="batch"),
+    dict(forget="simnpo", retain=None, delta=-0.3, forget_pooling="batch", forget_normalize="sum"),
+    dict(forget="ga", retain=None, retain_npo_weight=0.8, retain_normalize="sum"),
+    dict(forget="simnpo", retain="kl", retain_npo_weight=0.5, retain_pooling="batch", forget_normalize="sum"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", GROUP_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_pooling_normalize_simnpo_retain_npo_match_reference(device, options):
+    case = make_case(device, roles=(0, 1, 1, 0, 2, 0, 1), n=53)
+    options = dict(options, beta=0.7, forget_weight=0.6, retain_weight=1.4)
+    fused = run(ue.unlearning_loss, case, grad_scale=1.5, chunk_size=6, **options)
+    assert_matches(fused, reference(case, grad_scale=1.5, **options), torch.float32)
+
+
+def _pool_case():
+    """Two forget samples (2 and 4 labelled tokens) and two retain samples (3 and 1), one IGNORE, one emptied."""
+    g = torch.Generator().manual_seed(7)
+    sample_index = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 4, 4, 5, 5])
+    labels = torch.randint(0, 13, (14,), generator=g)
+    labels[12:] = -100  # sample 5 (a retain sample) emptied
+    hidden, weight = torch.randn(14, 6, generator=g), torch.randn(13, 6, generator=g)
+    roles = torch.tensor([ue.FORGET, ue.FORGET, ue.RETAIN, ue.RETAIN, ue.IGNORE, ue.RETAIN])
+    token = torch.log_softmax(hidden @ weight.T, -1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    token = token * (labels != -100)
+    return hidden, weight, labels, sample_index, roles, token
+
+
+def test_batch_pooling_is_the_token_weighted_mean():
+    """Known values: under "batch" pooling GA + NLL is the pooled token mean of each group (sum over sum of n),
+    not the mean of per-sample means; under "sum" the pooled sum. Fails if pooling is dropped or n mixed up."""
+    hidden, weight, labels, sample_index, roles, token = _pool_case()
+    f, r = token[:6], token[6:10]
+    out = ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll",
+                             forget_pooling="batch", retain_pooling="batch")
+    assert out.loss.item() == pytest.approx((f.sum() / 6 - r.sum() / 4).item(), rel=1e-6)
+    out = ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll",
+                             forget_pooling="batch", retain_pooling="batch", forget_normalize="sum")
+    assert out.loss.item() == pytest.approx((f.sum() - r.sum() / 4).item(), rel=1e-6)
+    out = ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll")
+    want = (f[:2].mean() + f[2:].mean()) / 2 - (r[:3].mean() + r[3:].mean()) / 2
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_pooled_npo_reference_and_retain_npo_at_reference():
+    """Model == reference: a pooled NPO group's term is (2/beta) ln 2 only if the per-sample references ("mean")
+    are pooled token-weighted; the retain-side NPO term adds -w (2/beta) ln 2 once (pooled) or per sample."""
+    hidden, weight, labels, sample_index, roles, token = _pool_case()
+    beta, w = 0.5, 0.75
+    ln2 = (2.0 / beta) * math.log(2.0)
+    for normalize in ("mean", "sum"):
+        ref = ue.sequence_logprob(hidden, weight, labels, sample_index, 6, normalize=normalize)
+        for pooling in ("sample", "batch"):
+            out = ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="npo", retain=None,
+                                     ref_logp=ref, beta=beta, forget_weight=0.7, retain_npo_weight=w,
+                                     forget_pooling=pooling, retain_pooling=pooling, forget_normalize=normalize,
+                                     retain_normalize=normalize)
+            assert out.loss.item() == pytest.approx(0.7 * ln2 - w * ln2, rel=1e-5), (normalize, pooling)
+            want = torch.tensor([ln2, ln2, -w * ln2, -w * ln2, 0.0, 0.0])
+            torch.testing.assert_close(out.per_sample, want, rtol=1e-5, atol=1e-6)
+
+
+def test_simnpo_known_value():
+    """SimNPO per sample (2/beta) softplus(beta (m_b + delta)), no reference, averaged over forget samples."""
+    hidden, weight, labels, sample_index, roles, token = _pool_case()
+    beta, delta = 2.5, 0.3
+    out = ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="simnpo", retain=None, beta=beta,
+                             delta=delta)
+    m = torch.stack([token[:2].mean(), token[2:6].mean()])
+    want = ((2.0 / beta) * torch.nn.functional.softplus(beta * (m + delta))).mean()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_length_normalize_is_shorthand_and_explicit_settings_win():
+    hidden, weight, labels, sample_index, roles, token = _pool_case()
+    call = lambda **kw: ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga",
+                                           retain="nll", **kw).loss.item()
+    assert call(length_normalize=False) == call(forget_normalize="sum", retain_normalize="sum")
+    assert call(length_normalize=True) == call()
+    assert call(length_normalize=False, retain_normalize="mean") == call(forget_normalize="sum")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -302,6 +395,13 @@ def _call(case, **overrides):
     (dict(beta=0.0), "beta must be a finite number > 0"),
     (dict(beta=-1.0), "beta must be"),
     (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(forget_pooling="token"), "forget_pooling must be one of"),
+    (dict(retain_pooling="all"), "retain_pooling must be one of"),
+    (dict(forget_normalize="max"), "forget_normalize must be one of"),
+    (dict(retain_normalize="avg"), "retain_normalize must be one of"),
+    (dict(delta=float("inf")), "delta must be a finite number"),
+    (dict(retain_npo_weight=-1.0), "retain_npo_weight must be a finite number >= 0"),
+    (dict(retain_npo_weight=0.5), "retain_npo_weight > 0 needs ref_logp"),
     (dict(hidden=torch.randn(N, H).long()), "hidden must be a floating-point tensor"),
 ])
 def test_bad_input_names_the_argument(override, match):

@@ -1,15 +1,16 @@
-"""Fused unlearning losses: per-sample GA / NPO forget terms, NLL / KL retain terms, RMU.
+"""Fused unlearning losses: GA / NPO / SimNPO forget terms, NLL / KL (+ retain-side NPO) retain terms, RMU.
 
 The heavy lifting is in torch.ops.unlearn_engine (csrc/unlearning_loss); fused_logprob.py registers the op's fake
 kernels and autograd and exposes it as `group_objective`. This module checks the arguments and writes each
-objective as a group objective (one group per sample), then reduces to per-sample outputs.
+objective as a group objective: one group per sample under "sample" pooling, one pooled group for the forget
+(or retain) samples of the batch under "batch" pooling; then it reduces to per-sample outputs.
 
 Two paths, chosen in group_objective:
 * linear objectives (forget "ga"; retain "nll", "kl" or None) with gradients wanted: the op computes the
   gradients during the forward chunk walk (6 N H V flop), and backward only scales them by grad_output;
-* otherwise (forget "npo", or no gradient): forward computes per-token log-likelihoods, and backward
-  recomputes each chunk's logits (8 N H V flop) with the per-token coefficients that autograd hands it.
-  Per-sample outputs are differentiable on this path.
+* otherwise (forget "npo" / "simnpo", retain_npo_weight > 0, or no gradient): forward computes per-token
+  log-likelihoods, and backward recomputes each chunk's logits (8 N H V flop) with the per-token coefficients
+  that autograd hands it. Per-sample outputs are differentiable on this path.
 """
 import math
 from typing import NamedTuple
@@ -23,8 +24,10 @@ from unlearn_engine.checks import check_tensor, require
 from unlearn_engine.fused_logprob import _TokenLogprob, default_chunk_size, group_objective
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 
-FORGET_OBJECTIVES = ("ga", "npo")
+FORGET_OBJECTIVES = ("ga", "npo", "simnpo")
 RETAIN_OBJECTIVES = ("nll", "kl", None)
+POOLINGS = ("sample", "batch")
+NORMALIZES = ("mean", "sum")
 
 
 # ----------------------------------------------------------------------------- RMU op registration
@@ -57,7 +60,8 @@ torch.library.register_autograd("unlearn_engine::rmu_loss", _rmu_backward, setup
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
-                           ref_weight, ref_bias, beta, bias, chunk_size):
+                           ref_weight, ref_bias, beta, bias, chunk_size, *, delta=0.0, retain_npo_weight=0.0,
+                           pooling=("sample", "sample"), normalize=("mean", "mean")):
     check_tensor(hidden, "hidden", floating=True)
     require(hidden.dim() == 2, f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     n, h = hidden.shape
@@ -77,8 +81,16 @@ def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, 
     require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
     require(isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta),
              f"beta must be a finite number > 0, got {beta!r}")
-    if forget == "npo":
-        require(ref_logp is not None, "forget='npo' needs ref_logp (B,): the reference model's log-likelihoods "
+    require(isinstance(delta, (int, float)) and math.isfinite(delta), f"delta must be a finite number, got {delta!r}")
+    require(isinstance(retain_npo_weight, (int, float)) and retain_npo_weight >= 0 and math.isfinite(retain_npo_weight),
+            f"retain_npo_weight must be a finite number >= 0, got {retain_npo_weight!r}")
+    for side, value in zip(("forget", "retain"), pooling):
+        require(value in POOLINGS, f"{side}_pooling must be one of {POOLINGS}, got {value!r}")
+    for side, value in zip(("forget", "retain"), normalize):
+        require(value in NORMALIZES, f"{side}_normalize must be one of {NORMALIZES}, got {value!r}")
+    if forget == "npo" or retain_npo_weight > 0:
+        what = "forget='npo'" if forget == "npo" else "retain_npo_weight > 0"
+        require(ref_logp is not None, f"{what} needs ref_logp (B,): the reference model's log-likelihoods "
                                        "(see unlearn_engine.reference_logp)")
         check_tensor(ref_logp, "ref_logp", shape=(roles.shape[0],), device=device, floating=True)
     if retain == "kl":
@@ -93,6 +105,14 @@ def _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, 
     if chunk_size is not None:
         require(isinstance(chunk_size, int) and chunk_size > 0,
                 f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def resolve_normalize(length_normalize: bool | None, forget_normalize: str | None,
+                      retain_normalize: str | None) -> tuple[str, str]:
+    """(forget, retain) normalize settings: each explicit setting wins, else length_normalize (True: "mean",
+    False: "sum") for both, else "mean"."""
+    shared = "mean" if length_normalize is None or length_normalize else "sum"
+    return forget_normalize or shared, retain_normalize or shared
 
 
 def _check_index_values(labels, sample_index, roles, vocab_size):
@@ -126,64 +146,125 @@ class UnlearningLossOutput(NamedTuple):
 def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, roles: Tensor, *,
                     forget: str = "ga", retain: str | None = "nll", ref_logp: Tensor | None = None,
                     ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
-                    beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0,
-                    bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
+                    beta: float = 0.1, delta: float = 0.0, forget_weight: float = 1.0, retain_weight: float = 1.0,
+                    retain_npo_weight: float = 0.0, forget_pooling: str = "sample", retain_pooling: str = "sample",
+                    forget_normalize: str | None = None, retain_normalize: str | None = None,
+                    bias: Tensor | None = None, length_normalize: bool | None = None, chunk_size: int | None = None,
                     validate: bool = True) -> UnlearningLossOutput:
-    """Fused per-sample unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
+    """Fused unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
 
     hidden (N, H) are the final hidden states of the N tokens (already shifted so that row t predicts
     labels[t]), weight (V, H) the LM head, labels (N,) int64 with -100 ignored, sample_index (N,) the
     sample each token belongs to, roles (B,) FORGET/RETAIN/IGNORE per sample. Never materialises the
-    N x V logits. Returns (loss, per_sample, logp). validate=False skips the data-dependent checks
-    (label range, finiteness), which each cost a device sync.
+    N x V logits. Returns (loss, per_sample, logp).
+
+    m = S / n ("mean") or S ("sum") with S the sum of the labelled tokens' log-probabilities and n their number,
+    each group in its own setting (forget_normalize / retain_normalize; length_normalize=True/False is the
+    shorthand for "mean"/"sum" on both). forget_pooling / retain_pooling: "sample" averages the per-sample terms,
+    "batch" pools the group's labelled tokens of the batch as one sample (its m = sum of S over sum of n).
+    Terms: forget "ga" m, "npo" (2/beta) softplus(beta (m - ref_m)), "simnpo" (2/beta) softplus(beta (m + delta));
+    retain "nll" -m, "kl" the mean (or sum) over labelled tokens of KL(ref || model); retain_npo_weight w adds
+    -w (2/beta) softplus(beta (m - ref_m)) per retain sample (or pooled group), not scaled by retain_weight.
+    ref_logp (B,) holds each sample's reference m in its group's normalize setting; pooled references are
+    pooled like m. loss = forget_weight * mean of forget terms + retain_weight * mean of retain terms + mean of
+    the retain-side NPO terms. A sample with no labelled token counts as IGNORE: per_sample 0 and left out of its
+    group's mean (and pool). per_sample is each sample's own term (its own m, also under "batch" pooling), before
+    the group weights. validate=False skips the data-dependent checks (label range, finiteness), which each cost a
+    device sync.
     """
+    normalize = resolve_normalize(length_normalize, forget_normalize, retain_normalize)
     _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
-                           ref_weight, ref_bias, beta, bias, chunk_size)
+                           ref_weight, ref_bias, beta, bias, chunk_size, delta=delta,
+                           retain_npo_weight=retain_npo_weight, pooling=(forget_pooling, retain_pooling),
+                           normalize=normalize)
     checking = validate and not torch.compiler.is_compiling()
     vocab_size = weight.shape[0]
     if checking:
         _check_index_values(labels, sample_index, roles, vocab_size)
     use_kl = retain == "kl"
+    retain_npo = retain_npo_weight > 0
     chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab_size, hidden.device,
                                              element_size=hidden.element_size(), with_ref=use_kl)
     kl_hidden, kl_weight, kl_bias = (ref_hidden, ref_weight, ref_bias) if use_kl else (None, None, None)
 
     num_samples = roles.shape[0]
+    device = hidden.device
     valid = labels != -100
-    zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(num_samples, dtype=torch.float32, device=device)
     counts = zeros.index_add(0, sample_index, valid.float())
-    denom = counts.clamp(min=1) if length_normalize else torch.ones_like(counts)
     # a sample with no labelled token counts as IGNORE: it is left out of its group's mean
     is_forget, is_retain = (roles == FORGET) & (counts > 0), (roles == RETAIN) & (counts > 0)
-    forget_scale = forget_weight / is_forget.sum().clamp(min=1)
-    retain_scale = retain_weight / is_retain.sum().clamp(min=1)
+    forget_mean, retain_mean = normalize[0] == "mean", normalize[1] == "mean"
+    forget_batch, retain_batch = forget_pooling == "batch", retain_pooling == "batch"
 
-    # Each sample is a group of the fused objective (fused_logprob.group_objective).
-    forget_coef = torch.where(is_forget, forget_scale, zeros)
-    retain_coef = torch.where(is_retain, retain_scale, zeros)
+    # Groups of the fused objective (fused_logprob.group_objective): 0..B-1 one per sample, B the pooled forget
+    # samples and B+1 the pooled retain samples ("batch" pooling remaps their tokens there).
+    pool_f, pool_r = num_samples, num_samples + 1
+    group_index = sample_index
+    token_role = roles[sample_index]
+    if forget_batch:
+        group_index = torch.where(token_role == FORGET, pool_f, group_index)
+    if retain_batch:
+        group_index = torch.where(token_role == RETAIN, pool_r, group_index)
+    ones = torch.ones_like(counts)
+    own_denom = torch.where(roles == RETAIN, counts.clamp(min=1) if retain_mean else ones,
+                            counts.clamp(min=1) if forget_mean else ones)
+    pooled_counts = torch.stack([(counts * is_forget).sum(), (counts * is_retain).sum()])
+    pooled_denom = torch.where(torch.tensor([forget_mean, retain_mean], device=device),
+                               pooled_counts.clamp(min=1), 1.0)
+    denom = torch.cat([own_denom, pooled_denom])
+    none = zeros.new_zeros(1)
+    forget_unit = torch.cat([(is_forget & (not forget_batch)).float(),
+                             is_forget.any().float().view(1) if forget_batch else none, none])
+    retain_unit = torch.cat([(is_retain & (not retain_batch)).float(), none,
+                             is_retain.any().float().view(1) if retain_batch else none])
+    forget_coef = forget_weight * forget_unit / forget_unit.sum().clamp(min=1)
+    retain_share = retain_unit / retain_unit.sum().clamp(min=1)
+    retain_coef = retain_weight * retain_share
+
+    ref = zeros
+    group_ref = torch.zeros_like(denom)
+    if forget == "npo" or retain_npo:
+        ref = ref_logp.float()
+        ref_sum = ref * own_denom  # back to a sum of log-probabilities under "mean", to pool
+        pooled_ref = torch.stack([torch.where(is_forget, ref_sum, 0.0).sum(),
+                                  torch.where(is_retain, ref_sum, 0.0).sum()]) / pooled_denom
+        group_ref = torch.cat([ref, pooled_ref])
+
+    linear, sigmoid, shift = torch.zeros_like(denom), torch.zeros_like(denom), torch.zeros_like(denom)
     if forget == "ga":
-        linear, sigmoid, shift = forget_coef, zeros, zeros
+        linear = linear + forget_coef
     else:
-        linear, sigmoid, shift = zeros, forget_coef, -ref_logp.float()
+        sigmoid = sigmoid + forget_coef
+        shift = torch.where(forget_unit > 0, -group_ref if forget == "npo" else torch.full_like(denom, delta), shift)
     if retain == "nll":
         linear = linear - retain_coef
-    coef_kl = ((retain_coef / denom)[sample_index] * valid).contiguous() if use_kl else None
-    loss, logp, terms, token_logp, token_kl = group_objective(
-        hidden, weight, labels, sample_index, linear, sigmoid, shift, denom, beta=beta, nonlinear=forget != "ga",
-        bias=bias, coef_kl=coef_kl, ref_hidden=kl_hidden, ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk)
+    if retain_npo:
+        sigmoid = sigmoid - retain_npo_weight * retain_share
+        shift = torch.where(retain_unit > 0, -group_ref, shift)
+    coef_kl = ((retain_coef / denom)[group_index] * valid).contiguous() if use_kl else None
+    loss, _, _, token_logp, token_kl = group_objective(
+        hidden, weight, labels, group_index, linear, sigmoid, shift, denom, beta=beta,
+        nonlinear=forget != "ga" or retain_npo, bias=bias, coef_kl=coef_kl, ref_hidden=kl_hidden,
+        ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk)
 
-    # per_sample: each sample's own term, before the group weights
-    mean_logp = logp / denom
+    # per_sample: each sample's own term (its own m), before the group weights
+    logp = zeros.index_add(0, sample_index, token_logp)
+    mean_logp = logp / own_denom
     if forget == "ga":
         forget_term = mean_logp
+    elif forget == "npo":
+        forget_term = (2.0 / beta) * F.softplus(beta * (mean_logp - ref))
     else:
-        forget_term = (2.0 / beta) * F.softplus(beta * (mean_logp - ref_logp.float()))
+        forget_term = (2.0 / beta) * F.softplus(beta * (mean_logp + delta))
     if retain == "nll":
         retain_term = -mean_logp
     elif use_kl:
-        retain_term = zeros.index_add(0, sample_index, token_kl) / denom
+        retain_term = zeros.index_add(0, sample_index, token_kl) / own_denom
     else:
         retain_term = zeros
+    if retain_npo:
+        retain_term = retain_term - retain_npo_weight * (2.0 / beta) * F.softplus(beta * (mean_logp - ref))
     per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
 
     if checking and not bool(torch.isfinite(loss)):
@@ -193,14 +274,16 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
 
 
 def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, num_samples: int, *,
-                     bias: Tensor | None = None, length_normalize: bool = True, chunk_size: int | None = None,
-                     validate: bool = True) -> Tensor:
-    """Per-sample log-likelihood (B,) through the fused path: sum (or mean, if length_normalize) of
-    labelled-token log-probabilities. Differentiable (the recompute path); under torch.no_grad() it is
-    the cheap way to get a reference model's ref_logp."""
+                     bias: Tensor | None = None, length_normalize: bool | None = None, normalize: str | None = None,
+                     chunk_size: int | None = None, validate: bool = True) -> Tensor:
+    """Per-sample log-likelihood (B,) through the fused path: the sum of labelled-token log-probabilities
+    (normalize="sum", or length_normalize=False) or their mean (normalize="mean", the default; 0 for a sample with
+    no labelled token). Differentiable (the recompute path); under torch.no_grad() it is the cheap way to get a
+    reference model's ref_logp in the normalize setting of the group that will use it."""
+    normalize = resolve_normalize(length_normalize, normalize, None)[0]
     roles = torch.full((num_samples,), IGNORE, dtype=torch.int64, device=hidden.device)
     _check_unlearning_args(hidden, weight, labels, sample_index, roles, "ga", None, None, None, None, None, 0.1,
-                           bias, chunk_size)
+                           bias, chunk_size, normalize=(normalize, normalize))
     if validate and not torch.compiler.is_compiling():
         _check_index_values(labels, sample_index, roles, weight.shape[0])
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device,
@@ -208,7 +291,7 @@ def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_inde
     token_logp, _ = _TokenLogprob.apply(hidden, weight, bias, labels, None, None, None, chunk)
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     logp = zeros.index_add(0, sample_index, token_logp)
-    if not length_normalize:
+    if normalize == "sum":
         return logp
     return logp / zeros.index_add(0, sample_index, (labels != -100).float()).clamp(min=1)
 
@@ -238,14 +321,19 @@ class UnlearningLoss(torch.nn.Module):
     forward returns the scalar loss; `last` holds the detached (per_sample, logp) of the latest call.
     """
 
-    def __init__(self, forget: str = "ga", retain: str | None = "nll", *, beta: float = 0.1,
-                 forget_weight: float = 1.0, retain_weight: float = 1.0, length_normalize: bool = True,
+    def __init__(self, forget: str = "ga", retain: str | None = "nll", *, beta: float = 0.1, delta: float = 0.0,
+                 forget_weight: float = 1.0, retain_weight: float = 1.0, retain_npo_weight: float = 0.0,
+                 forget_pooling: str = "sample", retain_pooling: str = "sample", forget_normalize: str | None = None,
+                 retain_normalize: str | None = None, length_normalize: bool | None = None,
                  chunk_size: int | None = None, validate: bool = True) -> None:
         super().__init__()
         require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
         require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
-        self.options = dict(forget=forget, retain=retain, beta=beta, forget_weight=forget_weight,
-                            retain_weight=retain_weight, length_normalize=length_normalize,
+        forget_normalize, retain_normalize = resolve_normalize(length_normalize, forget_normalize, retain_normalize)
+        self.options = dict(forget=forget, retain=retain, beta=beta, delta=delta, forget_weight=forget_weight,
+                            retain_weight=retain_weight, retain_npo_weight=retain_npo_weight,
+                            forget_pooling=forget_pooling, retain_pooling=retain_pooling,
+                            forget_normalize=forget_normalize, retain_normalize=retain_normalize,
                             chunk_size=chunk_size, validate=validate)
         self.last: UnlearningLossOutput | None = None
 
@@ -277,12 +365,14 @@ def causal_lm_hidden(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
 
 
 @torch.no_grad()
-def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, length_normalize: bool = True,
-                   chunk_size: int | None = None, **model_inputs) -> Tensor:
+def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, length_normalize: bool | None = None,
+                   normalize: str | None = None, chunk_size: int | None = None, **model_inputs) -> Tensor:
     """Per-sample log-likelihood (B,) of `labels` under a frozen reference model, through the fused path.
 
-    This is the ref_logp that forget='npo' expects (pass the same length_normalize)."""
+    This is the ref_logp that forget='npo' and retain_npo_weight expect: pass each group's normalize setting
+    ("mean" default, or "sum"; length_normalize=True/False is the same). Under "batch" pooling the op pools these
+    per-sample values itself."""
     hidden, shifted, sample_index = causal_lm_hidden(model, input_ids, labels, **model_inputs)
     head = model.get_output_embeddings()
     return sequence_logprob(hidden, head.weight, shifted, sample_index, input_ids.shape[0], bias=head.bias,
-                            length_normalize=length_normalize, chunk_size=chunk_size)
+                            length_normalize=length_normalize, normalize=normalize, chunk_size=chunk_size)

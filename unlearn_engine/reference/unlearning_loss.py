@@ -19,42 +19,73 @@ def _token_log_probs(hidden, weight, bias, labels, upcast_inputs=True):
 
 
 def unlearning_loss_reference(hidden, weight, labels, sample_index, roles, *, forget="ga", retain="nll",
-                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
-                              forget_weight=1.0, retain_weight=1.0, bias=None, length_normalize=True,
-                              upcast_inputs=True):
-    """Same contract as unlearn_engine.unlearning_loss, computed the obvious way (N x V logits).
+                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, delta=0.0,
+                              forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0, forget_pooling="sample",
+                              retain_pooling="sample", forget_normalize=None, retain_normalize=None, bias=None,
+                              length_normalize=None, upcast_inputs=True):
+    """Same contract as unlearn_engine.unlearning_loss, computed the obvious way (N x V logits): per-sample terms
+    averaged over a group's samples ("sample" pooling), or one term of the group's pooled tokens ("batch").
 
     upcast_inputs=False makes the logits in the inputs' dtype, as eager training code does."""
+    shared = "sum" if length_normalize is False else "mean"
+    forget_normalize, retain_normalize = forget_normalize or shared, retain_normalize or shared
     num_samples = roles.shape[0]
     token_logp, log_probs, valid = _token_log_probs(hidden, weight, bias, labels, upcast_inputs)
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     logp = zeros.index_add(0, sample_index, token_logp)
     counts = zeros.index_add(0, sample_index, valid.float())
-    denom = counts.clamp(min=1) if length_normalize else torch.ones_like(counts)
-    mean_logp = logp / denom
-
-    if forget == "ga":
-        forget_term = mean_logp
-    else:
-        forget_term = (2.0 / beta) * F.softplus(beta * (mean_logp - ref_logp.float()))
-
-    if retain == "nll":
-        retain_term = -mean_logp
-    elif retain == "kl":
+    if retain == "kl":
         _, ref_log_probs, _ = _token_log_probs(ref_hidden, ref_weight, ref_bias, labels, upcast_inputs)
         ref_probs = ref_log_probs.exp()
         # a token the reference bans (logit -inf, probability 0) carries no KL mass: 0, not 0 * (-inf - z) = NaN
         token_kl = torch.where(ref_probs > 0, ref_probs * (ref_log_probs - log_probs), 0.0).sum(-1)
         token_kl = torch.where(valid, token_kl, torch.zeros_like(token_kl))
-        retain_term = zeros.index_add(0, sample_index, token_kl) / denom
     else:
-        retain_term = torch.zeros_like(mean_logp)
+        token_kl = torch.zeros_like(token_logp)
+    kl = zeros.index_add(0, sample_index, token_kl)
+    ref = ref_logp.float() if ref_logp is not None else zeros
+
+    def normalized(total, n, normalize):  # m of a sample or of a pool: a sum, or a mean over its n tokens
+        return total / n.clamp(min=1) if normalize == "mean" else total
+
+    def npo(m, ref_m):
+        return (2.0 / beta) * F.softplus(beta * (m - ref_m))
+
+    def forget_term(total, n, ref_m):
+        m = normalized(total, n, forget_normalize)
+        if forget == "ga":
+            return m
+        if forget == "npo":
+            return npo(m, ref_m)
+        return (2.0 / beta) * F.softplus(beta * (m + delta))
+
+    def retain_base(total, n, kl_total):  # the retain objective, without the retain-side NPO term
+        m = normalized(total, n, retain_normalize)
+        return {"nll": -m, "kl": normalized(kl_total, n, retain_normalize), None: torch.zeros_like(m)}[retain]
+
+    def retain_npo(total, n, ref_m):
+        return -retain_npo_weight * npo(normalized(total, n, retain_normalize), ref_m)
 
     is_forget, is_retain = (roles == FORGET) & (counts > 0), (roles == RETAIN) & (counts > 0)  # empty: IGNORE
-    per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
-    per_sample = torch.where(counts > 0, per_sample, zeros)
-    loss = (forget_weight * (per_sample * is_forget).sum() / is_forget.sum().clamp(min=1)
-            + retain_weight * (per_sample * is_retain).sum() / is_retain.sum().clamp(min=1))
+    per_sample = torch.where(is_forget, forget_term(logp, counts, ref),
+                             torch.where(is_retain, retain_base(logp, counts, kl) + retain_npo(logp, counts, ref),
+                                         zeros))
+
+    def group_loss(mask, pooling, normalize, term):
+        if not bool(mask.any()):
+            return zeros.sum()
+        if pooling == "sample":
+            return term(logp[mask], counts[mask], kl[mask], ref[mask]).mean()
+        n = counts[mask].sum()
+        ref_total = (ref * counts)[mask].sum() if normalize == "mean" else ref[mask].sum()
+        return term(logp[mask].sum(), n, kl[mask].sum(), normalized(ref_total, n, normalize))
+
+    # the retain-side NPO terms are weighted by retain_npo_weight alone, not by retain_weight
+    loss = (forget_weight * group_loss(is_forget, forget_pooling, forget_normalize,
+                                       lambda t, n, k, r: forget_term(t, n, r))
+            + retain_weight * group_loss(is_retain, retain_pooling, retain_normalize,
+                                         lambda t, n, k, r: retain_base(t, n, k))
+            + group_loss(is_retain, retain_pooling, retain_normalize, lambda t, n, k, r: retain_npo(t, n, r)))
     return loss, per_sample, logp
 
 

@@ -1,0 +1,363 @@
+"""Presets reproduce the peers' losses: for every (preset, method), a pure-PyTorch re-derivation of the peer's formula
+(full logits of the model's own forward, the peer's own batching: a forget batch and a retain batch, each padded)
+equals our loss and its gradients on the same samples (fp32, 1e-5 relative).
+
+The peers' formulas, as their code computes them (issue 13; open-unlearning src/trainer/unlearn/*.py and
+src/trainer/utils.py, Safety Mirage LLaVAUnlearnTrainer.training_step):
+- model_loss(batch): the model's loss, the mean NLL over every labelled token of the batch (pooled);
+- batch_nll(batch): per sample, the SUM of its labelled tokens' NLL (compute_batch_nll).
+Our batch mixes them: forget samples of unequal answer lengths, retain samples of unequal lengths, an IGNORE sample
+and an emptied forget sample (no labelled token) that the peer's batches do not hold (the peers give it a constant
+NPO term or NaN; our contract leaves it out)."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unlearn_engine as ue
+from unlearn_engine.api.config import UnlearnConfig
+from unlearn_engine.api.methods import PRESETS, RMU, resolve_settings
+from unlearn_engine.api.unlearner import Unlearner
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T = 97, 12
+# (role, prompt length, answer length) per sample; answer 0 = emptied (e.g. truncated away)
+SAMPLES = [(ue.FORGET, 3, 5), (ue.FORGET, 4, 2), (ue.RETAIN, 2, 7), (ue.RETAIN, 5, 3), (ue.IGNORE, 2, 4),
+           (ue.FORGET, 4, 0), (ue.FORGET, 2, 8)]
+
+
+def tiny_llama(seed):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = tiny_llama(0)
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    with torch.no_grad():  # the reference differs from the model (as after some unlearning steps)
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.train(), ref
+
+
+def make_batch(samples):
+    """Right-padded (B, T) batch: prompt tokens unlabelled, answer tokens labelled, padding masked out."""
+    g = torch.Generator().manual_seed(11)
+    b = len(samples)
+    input_ids = torch.zeros(b, T, dtype=torch.int64)
+    attention = torch.zeros(b, T, dtype=torch.int64)
+    labels = torch.full((b, T), -100)
+    for i, (_, prompt, answer) in enumerate(samples):
+        length = prompt + answer
+        input_ids[i, :length] = torch.randint(1, VOCAB, (length,), generator=g)
+        attention[i, :length] = 1
+        labels[i, prompt:length] = input_ids[i, prompt:length]
+    roles = torch.tensor([role for role, _, _ in samples])
+    return dict(input_ids=input_ids, attention_mask=attention, labels=labels, roles=roles,
+                role_list=[role for role, _, _ in samples])
+
+
+def sub_batch(batch, role):
+    """The peer's own batch of one role: the samples with at least one labelled token, re-padded to their length."""
+    keep = [i for i, r in enumerate(batch["role_list"]) if r == role and (batch["labels"][i] != -100).any()]
+    length = int(batch["attention_mask"][keep].sum(1).max())
+    return {k: batch[k][keep, :length] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def token_nll(model, inputs):
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return nll * (labels != -100), (labels != -100).sum(1)
+
+
+def model_loss(model, inputs):
+    """HF's model(**inputs).loss: the token mean over the whole batch."""
+    nll, n = token_nll(model, inputs)
+    return nll.sum() / n.sum()
+
+
+def batch_nll(model, inputs):
+    """open-unlearning compute_batch_nll: per sample, the sum of its tokens' NLL."""
+    return token_nll(model, inputs)[0].sum(1)
+
+
+# ----------------------------------------------------------------------------- the peers' formulas
+def ou_grad_ascent(model, ref, f, r, hp):
+    return -model_loss(model, f)
+
+
+def ou_grad_diff(model, ref, f, r, hp):
+    return hp["gamma"] * -model_loss(model, f) + hp["alpha"] * model_loss(model, r)
+
+
+def ou_npo(model, ref, f, r, hp):
+    with torch.no_grad():
+        ref_nll = batch_nll(ref, f)
+    lose_log_ratio = -(batch_nll(model, f) - ref_nll)
+    forget = -2 / hp["beta"] * F.logsigmoid(hp["beta"] * (0.0 - lose_log_ratio)).mean()
+    return hp["gamma"] * forget + hp["alpha"] * model_loss(model, r)
+
+
+def ou_simnpo(model, ref, f, r, hp):
+    nll, n = token_nll(model, f)
+    forget = nll.sum(1) / n - hp["delta"]
+    forget = -F.logsigmoid(hp["beta"] * forget).mean() * 2 / hp["beta"]
+    return hp["gamma"] * forget + hp["alpha"] * model_loss(model, r)
+
+
+def sm_npo(model, ref, f, r, hp):
+    beta = hp["npo_beta"]
+    with torch.no_grad():
+        f_oracle, r_oracle = model_loss(ref, f), model_loss(ref, r)
+    neg_log_ratios = model_loss(model, f) - f_oracle
+    forget = hp["npo_forget_alpha"] * (-F.logsigmoid(beta * neg_log_ratios).mean() * 2 / beta)
+    retain_neg_log_ratios = model_loss(model, r) - r_oracle
+    retain = hp["npo_retain_alpha"] * (F.logsigmoid(beta * retain_neg_log_ratios).mean() * 2 / beta)
+    return forget + retain + hp["npo_llava_loss_weight"] * model_loss(model, r)
+
+
+# (preset, our forget, our retain, peer formula, the peer's hyper-parameters at their shipped defaults)
+FUSED_CASES = [
+    ("open-unlearning", "ga", None, ou_grad_ascent, {}),
+    ("open-unlearning", "ga", "nll", ou_grad_diff, dict(gamma=1.0, alpha=1.0)),
+    ("open-unlearning", "npo", "nll", ou_npo, dict(beta=0.1, gamma=1.0, alpha=1.0)),
+    ("open-unlearning", "simnpo", "nll", ou_simnpo, dict(beta=4.5, delta=0.0, gamma=0.125, alpha=1.0)),
+    ("safety-mirage", "npo", "nll", sm_npo, dict(npo_beta=0.9, npo_forget_alpha=1.0, npo_llava_loss_weight=1.0,
+                                                 npo_retain_alpha=1.0)),
+]
+
+
+def with_ref_logp(batch, ref, forget_normalize, retain_normalize):
+    """ref_logp (B,) for trainer_loss: each sample's reference in its group's normalize setting."""
+    values = {n: ue.reference_logp(ref, batch["input_ids"], batch["labels"], normalize=n,
+                                   attention_mask=batch["attention_mask"]) for n in ("mean", "sum")}
+    pick = [values[retain_normalize if role == ue.RETAIN else forget_normalize][i]
+            for i, role in enumerate(batch["role_list"])]
+    return dict(batch, ref_logp=torch.stack(pick))
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    out = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def assert_same_loss_and_grads(model, ours, peer):
+    assert ours.item() == pytest.approx(peer.item(), rel=1e-5, abs=1e-7), (ours.item(), peer.item())
+    ours_g, peer_g = grads_of(model, ours), grads_of(model, peer)
+    assert ours_g.shape == peer_g.shape and peer_g.norm() > 0
+    assert rel(ours_g, peer_g) < 1e-5, rel(ours_g, peer_g)
+
+
+def our_trainer_loss(model, ref, batch, preset, forget, retain, **given):
+    method = {("ga", None): "ga", ("ga", "nll"): "gd", ("npo", "nll"): "npo", ("simnpo", "nll"): "simnpo"}
+    s = resolve_settings(method[(forget, retain)], preset, given)
+    inputs = with_ref_logp(batch, ref, s["forget_normalize"], s["retain_normalize"])
+    return ue.trainer_loss(model, inputs, forget=forget, retain=retain, preset=preset, **given)
+
+
+@pytest.mark.parametrize("preset,forget,retain,peer,hp", FUSED_CASES,
+                         ids=[f"{c[0]}-{c[3].__name__}" for c in FUSED_CASES])
+def test_trainer_loss_preset_equals_peer_formula(models, preset, forget, retain, peer, hp):
+    model, ref = models
+    batch = make_batch(SAMPLES)
+    ours = our_trainer_loss(model, ref, batch, preset, forget, retain)
+    theirs = peer(model, ref, sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN), hp)
+    assert_same_loss_and_grads(model, ours, theirs)
+
+
+def test_without_preset_the_losses_differ(models):
+    """The presets matter on this batch: our defaults (per-sample means) give other values than each peer."""
+    model, ref = models
+    batch = make_batch(SAMPLES)
+    f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
+    for _preset, forget, retain, peer, hp in FUSED_CASES:
+        inputs = with_ref_logp(batch, ref, "mean", "mean")
+        beta = hp.get("beta", hp.get("npo_beta", 0.1))
+        weights = dict(forget_weight=hp.get("gamma", 1.0)) if forget == "simnpo" else {}
+        ours = ue.trainer_loss(model, inputs, forget=forget, retain=retain, beta=beta, **weights)
+        assert ours.item() != pytest.approx(peer(model, ref, f, r, hp).item(), rel=1e-3), peer.__name__
+
+
+def test_user_settings_win_over_the_preset(models):
+    """beta, delta and the weights given explicitly replace the preset's; the rest of the preset still holds."""
+    model, ref = models
+    batch = make_batch(SAMPLES)
+    hp = dict(beta=1.5, delta=0.2, gamma=0.5, alpha=2.0)
+    ours = our_trainer_loss(model, ref, batch, "open-unlearning", "simnpo", "nll", beta=1.5, delta=0.2,
+                            forget_weight=0.5, retain_weight=2.0)
+    theirs = ou_simnpo(model, ref, sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN), hp)
+    assert_same_loss_and_grads(model, ours, theirs)
+    hp = dict(npo_beta=0.3, npo_forget_alpha=1.0, npo_llava_loss_weight=1.0, npo_retain_alpha=0.25)
+    ours = our_trainer_loss(model, ref, batch, "safety-mirage", "npo", "nll", beta=0.3, retain_npo_weight=0.25)
+    theirs = sm_npo(model, ref, sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN), hp)
+    assert_same_loss_and_grads(model, ours, theirs)
+
+
+def test_safety_mirage_npo_at_batch_size_one_is_the_per_sample_npo():
+    """At one forget and one retain sample pooling changes nothing: the preset equals plain per-sample NPO with
+    the same weights (the issue's 'at batch size 1 our defaults agree')."""
+    model = tiny_llama(1)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.02)
+    batch = with_ref_logp(make_batch([(ue.FORGET, 3, 5), (ue.RETAIN, 2, 4)]), ref, "mean", "mean")
+    preset = ue.trainer_loss(model, batch, forget="npo", retain="nll", preset="safety-mirage")
+    plain = ue.trainer_loss(model, batch, forget="npo", retain="nll", beta=0.9, retain_npo_weight=1.0)
+    assert preset.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("preset,forget,retain", [("safety-mirage", "ga", "nll"), ("safety-mirage", "simnpo", "nll"),
+                                                  ("open-unlearning", "ga", "kl"), ("open-unlearning", "npo", "kl")])
+def test_unsupported_pair_names_preset_and_method(models, preset, forget, retain):
+    model, ref = models
+    with pytest.raises(ValueError, match=rf"preset '{preset}' has no counterpart of forget='{forget}', "
+                                         rf"retain='{retain}'.*supports"):
+        ue.trainer_loss(model, make_batch(SAMPLES), forget=forget, retain=retain, preset=preset, ref_model=ref)
+
+
+def test_unlearn_config_preset_resolution():
+    c = UnlearnConfig(method="simnpo", preset="open-unlearning").validate()
+    assert (c.beta, c.delta, c.forget_weight, c.retain_weight) == (4.5, 0.0, 0.125, 1.0)
+    assert (c.forget_pooling, c.forget_normalize, c.retain_pooling, c.retain_normalize) == \
+        ("sample", "mean", "batch", "mean")
+    c = UnlearnConfig(method="npo", preset="safety-mirage", beta=0.2).validate()
+    assert (c.beta, c.retain_npo_weight, c.forget_pooling, c.retain_pooling) == (0.2, 1.0, "batch", "batch")
+    assert c.validate() == c  # a resolved config resolves to itself
+    # a copy with another preset or method re-resolves the filled-in values, never the ones given
+    c = dataclasses.replace(UnlearnConfig(method="npo", retain_weight=0.5), preset="safety-mirage").validate()
+    assert (c.beta, c.retain_npo_weight, c.retain_weight) == (0.9, 1.0, 0.5)
+    c = dataclasses.replace(UnlearnConfig(method="npo", preset="open-unlearning"), method="simnpo").validate()
+    assert (c.beta, c.forget_weight, c.forget_normalize) == (4.5, 0.125, "mean")
+    assert json.loads(json.dumps(dataclasses.asdict(c)))["beta"] == 4.5
+    c = UnlearnConfig(method="npo").validate()  # no preset: today's defaults
+    assert (c.beta, c.retain_npo_weight, c.forget_pooling, c.forget_normalize) == (0.1, 0.0, "sample", "mean")
+    assert UnlearnConfig(method="rmu").validate().forget_pooling == "batch"
+    for bad, match in [(dict(method="textual", preset="open-unlearning"),
+                        r"preset 'open-unlearning' has no counterpart of method 'textual': it supports 'ga', 'gd', "
+                        r"'npo', 'simnpo', 'rmu'"),
+                       (dict(method="gd", preset="safety-mirage"), r"preset 'safety-mirage' .* 'gd': it supports "
+                                                                     r"'npo', 'rmu'"),
+                       (dict(preset="tofu"), "preset must be one of"),
+                       (dict(forget_pooling="token"), "forget_pooling must be one of"),
+                       (dict(retain_npo_weight=-1.0), "retain_npo_weight must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            UnlearnConfig(**bad).validate()
+
+
+# ----------------------------------------------------------------------------- RMU
+def layer_acts(model, inputs, layer):
+    return model.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            output_hidden_states=True).hidden_states[layer + 1]
+
+
+def ou_activation_loss(acts, target, mask):
+    """open-unlearning compute_activation_loss as intended: per sample, the mean over its labelled positions of the
+    mean over d of the squared difference; then the mean over samples (its (b,) / (b, 1) broadcast not reproduced)."""
+    sq = F.mse_loss(acts, target.expand_as(acts), reduction="none").mean(2)
+    return ((sq * mask).sum(1) / mask.sum(1)).mean()
+
+
+def ou_activation_loss_literal(acts, target, mask):
+    """open-unlearning's code as written: a (b,) sum divided by a (b, 1) count broadcasts to (b, b)."""
+    squared_diff = F.mse_loss(acts, target.expand_as(acts), reduction="none")
+    squared_diff_sum = (squared_diff * mask.unsqueeze(-1).expand_as(squared_diff)).mean(dim=2).sum(dim=1)
+    return (squared_diff_sum / mask.sum(dim=-1, keepdim=True)).mean()
+
+
+def rmu_run(model, ref, batch, **config):
+    """Just what RMU.loss reads of the Unlearner."""
+    class Run:
+        pass
+    run = Run()
+    run.config = UnlearnConfig(method="rmu", rmu_layer=1, **config).validate()
+    run.model, run.ref_model, run.device = model, ref, torch.device("cpu")
+    run.batch = lambda forget, retain, step: batch
+    run.model_inputs, run.host_roles = Unlearner.model_inputs, Unlearner.host_roles
+    return run
+
+
+def ou_rmu(model, ref, batch, control, hp, activation_loss=ou_activation_loss):
+    f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
+    forget = activation_loss(layer_acts(model, f, 1), control, f["labels"] != -100)
+    with torch.no_grad():
+        ref_acts = layer_acts(ref, r, 1)
+    retain = activation_loss(layer_acts(model, r, 1), ref_acts, r["labels"] != -100)
+    return hp["gamma"] * forget + hp["alpha"] * retain
+
+
+def sm_rmu(model, ref, batch, control, hp):
+    """Safety Mirage compute_unlearn_loss + compute_retain_loss: mse_loss over every element of the rows (its
+    padding positions are left out here, as in ours: see the README)."""
+    f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
+    fa, ra = layer_acts(model, f, 1), layer_acts(model, r, 1)
+    with torch.no_grad():
+        rr = layer_acts(ref, r, 1)
+    fm, rm = f["attention_mask"].bool(), r["attention_mask"].bool()
+    forget = F.mse_loss(fa[fm], control.expand_as(fa)[fm])
+    return forget + hp["rmu_retain_alpha"] * F.mse_loss(ra[rm], rr[rm])
+
+
+@pytest.mark.parametrize("preset,peer,hp", [
+    ("open-unlearning", ou_rmu, dict(gamma=1.0, alpha=1.0)),
+    ("safety-mirage", sm_rmu, dict(rmu_retain_alpha=1.0)),
+])
+def test_rmu_preset_equals_peer_formula(models, preset, peer, hp):
+    model, ref = models
+    batch = make_batch([s for s in SAMPLES if s[2] > 0])  # (RMU: the Unlearner skips records left unlabelled)
+    run = rmu_run(model, ref, batch, preset=preset)
+    control = RMU().control(run)
+    assert float(control.norm()) == pytest.approx(2.0 if preset == "open-unlearning" else 10.0, rel=1e-5)
+    ours, _ = RMU().loss(run, [], [], 0)
+    assert_same_loss_and_grads(model, ours, peer(model, ref, batch, control, hp))
+
+
+def test_rmu_weights_win_and_literal_open_unlearning_at_equal_lengths(models):
+    """User-set gamma (forget_weight) and alpha (rmu_alpha) replace the preset's; at equal answer lengths
+    open-unlearning's literal broadcast gives the same value as the per-sample mean we reproduce."""
+    model, ref = models
+    batch = make_batch([(ue.FORGET, 3, 4), (ue.RETAIN, 2, 4), (ue.FORGET, 5, 4), (ue.RETAIN, 4, 4)])
+    run = rmu_run(model, ref, batch, preset="open-unlearning", forget_weight=0.5, rmu_alpha=3.0)
+    control = RMU().control(run)
+    ours, _ = RMU().loss(run, [], [], 0)
+    hp = dict(gamma=0.5, alpha=3.0)
+    assert_same_loss_and_grads(model, ours, ou_rmu(model, ref, batch, control, hp,
+                                                   activation_loss=ou_activation_loss_literal))
+
+
+def test_rmu_without_preset_is_unchanged(models):
+    """No preset: today's RMU, every attended row of the batch weighing the same, alpha 10."""
+    model, ref = models
+    batch = make_batch([s for s in SAMPLES if s[2] > 0])
+    run = rmu_run(model, ref, batch, rmu_coeff=5.0)
+    control = RMU().control(run)
+    ours, _ = RMU().loss(run, [], [], 0)
+    acts = layer_acts(model, batch, 1)
+    with torch.no_grad():
+        ref_acts = layer_acts(ref, batch, 1)
+    mask, roles = batch["attention_mask"].bool(), batch["roles"]
+    fm, rm = mask & (roles == ue.FORGET)[:, None], mask & (roles == ue.RETAIN)[:, None]
+    want = F.mse_loss(acts[fm], control.expand_as(acts)[fm]) + 10.0 * F.mse_loss(acts[rm], ref_acts[rm])
+    assert_same_loss_and_grads(model, ours, want)
+
+
+def test_presets_table_is_what_the_readme_documents():
+    assert set(PRESETS) == {"open-unlearning", "safety-mirage"}
+    assert set(PRESETS["open-unlearning"]) == {"ga", "gd", "npo", "simnpo", "rmu"}
+    assert set(PRESETS["safety-mirage"]) == {"npo", "rmu"}
