@@ -132,13 +132,6 @@ def _prepare_unlearn(args) -> argparse.Namespace:
     skeleton = empty_model(run["model"])
     get_method(config.method).trainable_modules(skeleton, config)
     forget, retain = records["forget"], records["retain"]
-    if is_qwen_vl(skeleton) and any(r.image for r in forget + retain):
-        from unlearn_engine.api.unlearner import Unlearner
-
-        # Qwen-VL image records need image_grid_thw and mm_token_type_ids in the model's inputs
-        require("image_grid_thw" in Unlearner.model_inputs({"image_grid_thw": None}),
-                f"--model {run['model']} is a Qwen-VL model and the records have images: this version's Unlearner "
-                "does not pass image_grid_thw / mm_token_type_ids to the model yet (text-only records work)")
     require(not get_method(config.method).needs_retain or bool(retain),
             f"method {config.method!r} needs retain records (--retain)")
     root = run["image_root"]

@@ -32,6 +32,7 @@ from unlearn_engine.api.checkpoint import (
 )
 from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
 from unlearn_engine.api.data import Record, encode, image_tokens
+from unlearn_engine.api.images import MODEL_INPUTS, is_qwen_vl
 from unlearn_engine.api.loading import CheckpointError
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.atomic import write_text
@@ -314,8 +315,9 @@ class Unlearner:
 
     @staticmethod
     def model_inputs(batch):
-        """The model's keyword inputs of an encoded batch (attention mask, and pixel values when it has images)."""
-        return {k: batch[k] for k in ("attention_mask", "pixel_values") if k in batch}
+        """The model's keyword inputs of an encoded batch: attention mask, and the image inputs when it has images
+        (LLaVA pixel values; Qwen-VL flattened patches, image_grid_thw and mm_token_type_ids)."""
+        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
     def _hidden(self, model, batch):
         return causal_lm_hidden(model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
@@ -325,8 +327,10 @@ class Unlearner:
         tokens, have no response or were skipped goes to self.data_report and, when any, to a warning."""
         stats = {}
         if records:
+            # LLaVA's image token count is fixed, so no pixels are needed; a Qwen-VL image's depends on its size
+            placeholder = None if is_qwen_vl(self.model) else (lambda path: torch.zeros(3, 1, 1))
             encode(records, self.tokenizer, max_length=self.config.max_length, stats=stats,
-                   **self._image_args(records, loader=lambda path: torch.zeros(3, 1, 1)))  # no pixels needed
+                   **self._image_args(records, loader=placeholder))
         skipped = [i for i, n in enumerate(stats.get("labelled", [])) if n == 0]
         report = {"records": len(records), "truncated": sum(1 for n in stats.get("cut", []) if n > 0),
                   "no_response": sum(stats.get("no_response", [])), "skipped": skipped}

@@ -25,7 +25,7 @@ def test_cuda_kernels_built_when_possible():
     info = ue.build_info()
     assert info["cuda"] is True, "torch has CUDA and nvcc exists, but unlearn_engine._C was built without CUDA"
     assert info["cuda_version"].startswith(torch.version.cuda.split(".")[0])
-    for op in ("fused_logprob", "fused_linear_objective", "rmu_loss"):
+    for op in ("fused_logprob", "fused_linear_objective", "fused_group_objective", "rmu_loss"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unlearn_engine::{op}", "CUDA"), op
 
 

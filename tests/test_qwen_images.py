@@ -23,7 +23,6 @@ from unlearn_engine.api.images import (
     QwenImage,
     image_input,
     image_loader,
-    is_qwen_vl,
     qwen_image_processor,
 )
 from unlearn_engine.api.unlearner import Unlearner
@@ -135,19 +134,6 @@ def test_encode_image_tokens_and_forward(qwen_dir, qwen_tok, image_dir):
         assert not torch.allclose(model(**other).logits[0], logits[0])  # the image reaches the answer
 
 
-class ImageUnlearner(Unlearner):
-    """The Unlearner with the two changes Qwen-VL image records need in unlearner.py: every image input of a
-    batch passed to the model (images.MODEL_INPUTS), and the data-report pass using the real image loader (a
-    Qwen image's token count depends on the image)."""
-
-    @staticmethod
-    def model_inputs(batch):
-        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-    def _image_args(self, records, loader=None):
-        return super()._image_args(records, None if is_qwen_vl(self.model) else loader)
-
-
 def full_logits_nll(model, tok, records, load):
     """Mean per-sample response NLL from the model's full logits (not the fused path)."""
     batch = encode(records, tok, image_loader=load)
@@ -174,25 +160,14 @@ def test_each_method_on_image_records(qwen_dir, image_dir, method, extra):
     load = image_loader(model, root=str(image_dir))
     nll_f, nll_r = full_logits_nll(model, tok, FORGET, load), full_logits_nll(model, tok, RETAIN, load)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = ImageUnlearner(model, tok, method=method, steps=2, lr=1e-2, batch_size=2, progress=False,
-                             image_loader=load, **extra).fit(FORGET, RETAIN)
+    history = Unlearner(model, tok, method=method, steps=2, lr=1e-2, batch_size=2, progress=False,
+                        image_loader=load, **extra).fit(FORGET, RETAIN)
     want = {"ga": -nll_f, "gd": -nll_f + nll_r, "npo": 4 * np.log(2.0) + nll_r, "kl": -nll_f}.get(method)
     if want is not None:
         assert history[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
     assert not any(k.startswith("model.visual.blocks") for k in changed)
     assert any(k.startswith("model.language_model.") for k in changed)
-
-
-def test_unlearner_as_shipped_refuses_qwen_image_records_clearly(qwen_dir, image_dir):
-    """Until unlearner.py passes image_grid_thw / mm_token_type_ids (ImageUnlearner above), Qwen image records
-    are refused with a message saying what is missing, not a shape error deep in the model."""
-    if "image_grid_thw" in Unlearner.model_inputs({"image_grid_thw": None}):
-        pytest.skip("the Unlearner passes Qwen-VL image inputs: test_each_method_on_image_records covers it")
-    model, tok = ue.load_vlm(str(qwen_dir), dtype="float32")
-    with pytest.raises(ValueError, match="Qwen-VL model needs an image_loader that returns QwenImage"):
-        Unlearner(model, tok, method="ga", steps=1, progress=False,
-                  image_loader=image_loader(model, root=str(image_dir))).fit(FORGET)
 
 
 def test_generate_with_images_batched_equals_alone(qwen_dir, image_dir):
@@ -327,8 +302,7 @@ def test_rai_cli_on_a_qwen_image(qwen2_dir, image_dir, capsys):
 
 
 def test_unlearn_cli_with_qwen_image_records(qwen2_dir, image_dir, tmp_path, capsys):
-    """Until the Unlearner passes Qwen-VL image inputs, `unlearn` refuses Qwen image records before loading the
-    model (exit 2, one line, nothing in --out); once it does, the run completes."""
+    """`unlearn` runs on Qwen-VL image records end to end and saves the model."""
     from unlearn_engine.api.data import write_jsonl
 
     write_jsonl(FORGET, str(tmp_path / "f.jsonl"))
@@ -338,11 +312,7 @@ def test_unlearn_cli_with_qwen_image_records(qwen2_dir, image_dir, tmp_path, cap
                  str(tmp_path / "r.jsonl"), "--image-root", str(image_dir), "--out", str(out), "--steps", "1",
                  "--dtype", "float32", "--device", "cpu", "--no-progress", "--method", "gd"])
     err = capsys.readouterr().err
-    if "image_grid_thw" in Unlearner.model_inputs({"image_grid_thw": None}):
-        assert code == 0 and (out / "model" / "config.json").exists(), err
-    else:
-        assert code == 2 and len(err.strip().splitlines()) == 1
-        assert "is a Qwen-VL model and the records have images" in err and not out.exists()
+    assert code == 0 and (out / "model" / "config.json").exists(), err
 
 
 def test_model_judge_shows_qwen_images(qwen2_dir, image_dir, monkeypatch):

@@ -5,12 +5,10 @@ kernels and autograd and exposes it as `group_objective`. This module checks the
 objective as a group objective: one group per sample under "sample" pooling, one pooled group for the forget
 (or retain) samples of the batch under "batch" pooling; then it reduces to per-sample outputs.
 
-Two paths, chosen in group_objective:
-* linear objectives (forget "ga"; retain "nll", "kl" or None) with gradients wanted: the op computes the
-  gradients during the forward chunk walk (6 N H V flop), and backward only scales them by grad_output;
-* otherwise (forget "npo" / "simnpo", retain_npo_weight > 0, or no gradient): forward computes per-token
-  log-likelihoods, and backward recomputes each chunk's logits (8 N H V flop) with the per-token coefficients
-  that autograd hands it. Per-sample outputs are differentiable on this path.
+With gradients wanted, every objective (linear or not) gets its gradients in the forward chunk walk of
+fused_group_objective (6 N H V flop, +2 N H V for KL's reference logits); backward only scales them by
+grad_output. Without gradients the walk makes token log-likelihoods only. NPO / SimNPO per-sample outputs stay
+differentiable (a recompute runs only if a gradient reaches them).
 """
 import math
 from typing import NamedTuple
