@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "../risk_projection.h"
 #include "common/dispatch.h"
 
@@ -142,6 +146,20 @@ c10::optional<at::Tensor> contiguous_select(const c10::optional<at::Tensor>& sel
   return select ? c10::optional<at::Tensor>(select->contiguous()) : c10::nullopt;
 }
 
+// A fresh output like x. A large one is backed by transparent huge pages where the kernel offers them on
+// request (THP "madvise" mode): first-touch faults on 4 KiB pages (each zeroed by the kernel) otherwise cost
+// several times the copy itself. Best effort: madvise's failure leaves ordinary pages.
+at::Tensor empty_output(const at::Tensor& x) {
+  auto out = at::empty_like(x);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr()), n = out.nbytes();
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + n) & ~(kHuge - 1);
+  if (n >= 4 * kHuge && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
 // x (R, H) contiguous; out: nullptr (scores only), x's data (in place) or a fresh (R, H) buffer.
 template <typename T>
 void project_rows(const at::Tensor& x, T* out, const at::Tensor& basis, const c10::optional<at::Tensor>& select,
@@ -181,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> risk_project_rows_cpu(const at::Tensor& x_in,
   check_risk_args(x_in, basis_in, select);
   const auto x = x_in.contiguous(), basis = basis_in.contiguous();
   const auto sel = contiguous_select(select);
-  auto out = at::empty_like(x);
+  auto out = empty_output(x);
   auto scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   UE_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "risk_project_rows_cpu", [&] {
     project_rows<scalar_t>(x, out.data_ptr<scalar_t>(), basis, sel, mode, threshold, strength,
