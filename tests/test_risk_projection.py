@@ -274,3 +274,48 @@ def test_top_fraction_count_when_t_times_fraction_is_an_integer(device, inplace,
     got, _ = ue.risk_project(x, U, top_fraction=fraction, strength=1.0, inplace=inplace)
     assert (got != original).any(-1).sum(1).tolist() == [count, count]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+_ISA_SCRIPT = """
+import torch
+import unlearn_engine as ue
+from unlearn_engine.reference import risk_project_reference, risk_prototypes_reference
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for (b, t, h), k in (((2, 19, 61), 3), ((1, 21, 96), 20), ((2, 9, 128), 40), ((1, 17, 96), 64)):
+        U = ue.unsafe_subspace(torch.randn(k + 5, h), k)
+        x = torch.randn(b, t, h)
+        x[:, ::3] += (torch.randn(b, (t + 2) // 3, k) * (h / k) ** 0.5) @ U.T
+        x[0, 1] = 0.0
+        x = x.to(dtype)
+        for mode in (dict(threshold=0.3), dict(top_fraction=0.3)):
+            want, want_scores = risk_project_reference(x, U, strength=1.5, **mode)
+            for inplace in (False, True):
+                got, scores = ue.risk_project(x.clone(), U, strength=1.5, inplace=inplace, **mode)
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+                torch.testing.assert_close(scores, want_scores, rtol=tol, atol=tol)
+        P = torch.randn(k, h)
+        want, want_best = risk_prototypes_reference(x, P, threshold=0.05, strength=0.7)
+        got, best = ue.risk_prototypes(x, P, threshold=0.05, strength=0.7)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+        torch.testing.assert_close(best, want_best, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_kernels_of_every_instruction_set(isa):
+    """The CPU op picks its widest kernel (AVX-512 here, most likely); UE_RISK_CPU_ISA makes a fresh process run
+    the narrower ones, against the reference on odd H, all rank buckets (3, 20, 40, 64), fp32 and bf16."""
+    import os
+    import subprocess
+    import sys
+
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if isa == "avx2" and not (" avx2" in flags and " fma" in flags):
+        pytest.skip("no AVX2 + FMA on this CPU")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, UE_RISK_CPU_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

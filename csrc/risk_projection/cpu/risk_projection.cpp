@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -98,12 +100,17 @@ struct V {
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
+// The widest kernel this CPU runs; UE_RISK_CPU_ISA=avx2|scalar (read once) picks a narrower one, so that tests
+// reach every kernel on one machine.
 Isa cpu_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kScalar;
+    const char* force = std::getenv("UE_RISK_CPU_ISA");
+    const std::string want = force ? force : "";
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (want == "scalar") return Isa::kScalar;
+    if (__builtin_cpu_supports("avx512f") && want != "avx2") return Isa::kAvx512;
+    return avx2 ? Isa::kAvx2 : Isa::kScalar;
   }();
   return isa;
 }
