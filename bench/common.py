@@ -109,3 +109,28 @@ class Results:
         write_text(path, json.dumps(dict(family=self.family, baseline=self.baseline, machine=info,
                                          results=self.with_ratios()), indent=2))
         return path
+
+
+def copy_bandwidth(x: torch.Tensor, rounds: int = 5) -> dict:
+    """The machine's copy bandwidth on a tensor like x, now: GB/s (one read + one write of x, best of `rounds`)
+    of x.clone() (a fresh output, whose pages are faulted in, as an out-of-place op pays) and of out.copy_(x)
+    into a buffer written before (the hardware's copy rate)."""
+    import time
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(rounds):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    out = torch.empty_like(x)
+    moved = 2 * x.numel() * x.element_size()
+    return dict(clone_gb_per_s=moved / best(lambda: x.clone()) / 1e9,
+                copy_gb_per_s=moved / best(lambda: out.copy_(x)) / 1e9)

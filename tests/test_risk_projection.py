@@ -238,3 +238,84 @@ def test_zero_rows(device, shape):
     if x.dim() == 3:
         got, scores = ue.risk_project(x, U, top_fraction=0.5)
         assert got.shape == x.shape and scores.shape == x.shape[:-1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_top_fraction_ties_at_the_boundary_go_to_the_earlier_token(device, inplace):
+    """Equal scores straddling the cut: ceil(0.5 * 6) = 3 rows per sequence, and the rows tied for places 2..5
+    are copies of one row, so exactly the earliest two of them are selected (the reference's stable order)."""
+    U = _basis(32, 4, device)
+    x = _x((2, 6, 32), device, torch.float32, zero_rows=False)
+    x[0, 0] += 10.0 * U[:, 0]  # the clear top of sequence 0 (score ~0.8)
+    x[0, 1:] = x[0, 1] + 2.0 * U[:, 1]  # rows 1..5: one row five times (score ~0.2), so their scores tie exactly
+    x[1] = x[0].flip(0)  # sequence 1: the same rows reversed, so the ties sit at tokens 0..4 and the top at 5
+    want, want_scores = risk_project_reference(x, U, top_fraction=0.5, strength=1.5)
+    original = x.clone()
+    got, scores = ue.risk_project(x, U, top_fraction=0.5, strength=1.5, inplace=inplace)
+    assert len(set(scores[0, 1:].tolist())) == 1 and scores[0, 0] > scores[0, 1]
+    changed = (got != original).any(-1)
+    assert changed.tolist() == [[True, True, True, False, False, False], [True, True, False, False, False, True]]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("t,fraction,count", [(100, 0.07, 7), (10, 0.3, 3), (8, 0.25, 2), (576, 0.1, 58),
+                                              (7, 1 / 7, 1)])
+def test_top_fraction_count_when_t_times_fraction_is_an_integer(device, inplace, t, fraction, count):
+    """ceil(fraction * T) rows per sequence, also where fraction * T is an integer in exact arithmetic but not
+    in floating point (0.07 * 100 = 7.000000000000001): 7 rows, not 8."""
+    U = _basis(24, 3, device)
+    x = _x((2, t, 24), device, torch.float32, zero_rows=False)
+    original = x.clone()
+    want, _ = risk_project_reference(x, U, top_fraction=fraction, strength=1.0)
+    got, _ = ue.risk_project(x, U, top_fraction=fraction, strength=1.0, inplace=inplace)
+    assert (got != original).any(-1).sum(1).tolist() == [count, count]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+_ISA_SCRIPT = """
+import torch
+import unlearn_engine as ue
+from unlearn_engine.reference import risk_project_reference, risk_prototypes_reference
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for (b, t, h), k in (((2, 19, 61), 3), ((1, 21, 96), 20), ((2, 9, 128), 40), ((1, 17, 96), 64)):
+        U = ue.unsafe_subspace(torch.randn(k + 5, h), k)
+        x = torch.randn(b, t, h)
+        x[:, ::3] += (torch.randn(b, (t + 2) // 3, k) * (h / k) ** 0.5) @ U.T
+        x[0, 1] = 0.0
+        x = x.to(dtype)
+        for mode in (dict(threshold=0.3), dict(top_fraction=0.3)):
+            want, want_scores = risk_project_reference(x, U, strength=1.5, **mode)
+            for inplace in (False, True):
+                got, scores = ue.risk_project(x.clone(), U, strength=1.5, inplace=inplace, **mode)
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+                torch.testing.assert_close(scores, want_scores, rtol=tol, atol=tol)
+        P = torch.randn(k, h)
+        want, want_best = risk_prototypes_reference(x, P, threshold=0.05, strength=0.7)
+        got, best = ue.risk_prototypes(x, P, threshold=0.05, strength=0.7)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+        torch.testing.assert_close(best, want_best, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_kernels_of_every_instruction_set(isa):
+    """The CPU op picks its widest kernel (AVX-512 here, most likely); UE_RISK_CPU_ISA makes a fresh process run
+    the narrower ones, against the reference on odd H, all rank buckets (3, 20, 40, 64), fp32 and bf16."""
+    import os
+    import subprocess
+    import sys
+
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if isa == "avx2" and not (" avx2" in flags and " fma" in flags):
+        pytest.skip("no AVX2 + FMA on this CPU")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, UE_RISK_CPU_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

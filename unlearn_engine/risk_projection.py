@@ -115,12 +115,29 @@ def risk_project(x: torch.Tensor, U: torch.Tensor, *, threshold: float | None = 
         fail(f"top_fraction must be in (0, 1], got {top_fraction}")
     if x.dim() != 3:
         fail(f"top_fraction needs x of shape (B, T, H), got {tuple(x.shape)}")
-    b, t, _ = x.shape
-    scores = ops.risk_scores(x.reshape(-1, x.shape[-1]), basis, SUBSPACE).reshape(b, t)
+    return _top_fraction(x, basis, top_fraction, strength, inplace)
+
+
+def _top_fraction(x, basis, top_fraction, strength, inplace):
+    # One pass over x scores every row (and, out of place, copies it to the output); only the selected
+    # rows (about top_fraction of them) are then read again, updated and written back.
+    b, t, h = x.shape
+    rows = x.reshape(-1, h)
+    if inplace:
+        if not x.is_contiguous():
+            fail("inplace=True needs a contiguous x")
+        out_rows, scores = rows, ops.risk_scores(rows, basis, SUBSPACE)
+    else:
+        none = torch.zeros(rows.shape[0], dtype=torch.bool, device=x.device)
+        out_rows, scores = ops.risk_project_rows(rows, basis, none, SUBSPACE, 0.0, float(strength))
     count = math.ceil(top_fraction * t * (1 - 1e-12))
-    order = torch.sort(-scores, dim=1, stable=True).indices[:, :count]
-    select = torch.zeros(b, t, dtype=torch.bool, device=x.device).scatter_(1, order, True)
-    return _run_rows(x, basis, select.reshape(-1), SUBSPACE, 0.0, strength, inplace)
+    order = torch.sort(-scores.reshape(b, t), dim=1, stable=True).indices[:, :count]  # ties: earlier token
+    index = (order + torch.arange(b, device=x.device).unsqueeze(1) * t).reshape(-1)
+    picked = rows.index_select(0, index)
+    everyone = torch.ones(index.numel(), dtype=torch.bool, device=x.device)
+    ops.risk_project_rows_(picked, basis, everyone, SUBSPACE, 0.0, float(strength))
+    out_rows.index_copy_(0, index, picked)
+    return out_rows.reshape(x.shape), scores.reshape(b, t)
 
 
 def risk_prototypes(x: torch.Tensor, P: torch.Tensor, *, threshold: float, strength: float = 1.0,
