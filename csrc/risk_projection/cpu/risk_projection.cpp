@@ -8,7 +8,10 @@
 // run the scalar loop below.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(UE_NO_X86_SIMD)
+#define UE_RISK_X86_SIMD 1  // AVX-512 / AVX2 kernels, picked at run time; other CPUs (e.g. aarch64) use the scalar one
 #include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,6 +50,7 @@ struct RowJob {
   float* scores;
 };
 
+#ifdef UE_RISK_X86_SIMD
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
@@ -97,6 +101,7 @@ struct V {
 #include "risk_rows_simd.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#endif  // UE_RISK_X86_SIMD
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
@@ -104,6 +109,7 @@ enum class Isa { kScalar, kAvx2, kAvx512 };
 // reach every kernel on one machine.
 Isa cpu_isa() {
   static const Isa isa = [] {
+#ifdef UE_RISK_X86_SIMD
     __builtin_cpu_init();
     const char* force = std::getenv("UE_RISK_CPU_ISA");
     const std::string want = force ? force : "";
@@ -111,6 +117,9 @@ Isa cpu_isa() {
     if (want == "scalar") return Isa::kScalar;
     if (__builtin_cpu_supports("avx512f") && want != "avx2") return Isa::kAvx512;
     return avx2 ? Isa::kAvx2 : Isa::kScalar;
+#else
+    return Isa::kScalar;
+#endif
   }();
   return isa;
 }
@@ -175,7 +184,11 @@ void project_rows(const at::Tensor& x, T* out, const at::Tensor& basis, const c1
   const int J = static_cast<int>(basis.size(1));
   if (R == 0) return;
   const Isa isa = cpu_isa();
+#ifdef UE_RISK_X86_SIMD
   const int JP = isa == Isa::kAvx512 ? avx512::padded_cols(J) : isa == Isa::kAvx2 ? avx2::padded_cols(J) : J;
+#else
+  const int JP = J;
+#endif
   auto padded = at::zeros({H, JP}, basis.options());
   padded.narrow(1, 0, J).copy_(basis);
   const auto transposed = basis.t().contiguous();
@@ -184,8 +197,10 @@ void project_rows(const at::Tensor& x, T* out, const at::Tensor& basis, const c1
   const RowJob<T> job{in, out, R, H, J, padded.data_ptr<float>(), transposed.data_ptr<float>(),
                       select ? select->data_ptr<bool>() : nullptr, mode, threshold, strength, stream, scores};
   switch (isa) {
+#ifdef UE_RISK_X86_SIMD
     case Isa::kAvx512: return avx512::run(job);
     case Isa::kAvx2: return avx2::run(job);
+#endif
     default: return run_scalar(job);
   }
 }
