@@ -152,7 +152,8 @@ def _prepare_unlearn(args) -> argparse.Namespace:
 
 JUDGE_HELP = ("keyword:LIST (LIST: vlguard, gcg, safety-mirage; the bare list name works too) or model:DIR[:TEMPLATE] "
               "(a local judge model, asked only about answers the safety-mirage list does not refuse; TEMPLATE: "
-              "relevance (default), safety, or a text file holding {question} and {answer})")
+              "relevance (default), safety, safety-mirage (the Safety Mirage judge exactly: its prompt, filter and "
+              "parse rule), or a text file holding {question} and {answer})")
 
 
 def _judge_spec(value):
@@ -172,6 +173,8 @@ def _judge_spec(value):
         check_checkpoint_dir(path)
     except ValueError as err:
         fail(f"--judge {value}: judge model {err}")
+    if template == "safety-mirage":
+        return ("model", path, "safety-mirage", "relevance")
     if template in ("", "relevance", "safety"):
         return ("model", path, SAFETY_TEMPLATE if template == "safety" else RELEVANCE_TEMPLATE,
                 template or "relevance")

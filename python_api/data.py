@@ -329,12 +329,14 @@ def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
     return (height // unit) * (width // unit)
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: its chat template when it has one, else a plain USER/ASSISTANT form."""
+def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The prompt as the model sees it: its chat template when it has one (with a system message when `system` is
+    given), else a plain [SYSTEM] USER/ASSISTANT form."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"USER: {prompt} ASSISTANT:"
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (f"{system} " if system is not None else "") + f"USER: {prompt} ASSISTANT:"
 
 
 def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image_loader=None,
