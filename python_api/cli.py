@@ -38,7 +38,7 @@ from unlearn_engine.api.loading import (
     load_vlm,
     save_vlm,
 )
-from unlearn_engine.api.methods import get_method
+from unlearn_engine.api.methods import SETTING_DEFAULTS, get_method
 from unlearn_engine.atomic import atomic_path, check_writable, write_text
 from unlearn_engine.checks import fail, require
 
@@ -306,6 +306,14 @@ def _unlearn_settings(args):
     merged = dict(RUN_KEYS, device=_default_device())
     if args.config:
         data = read_config_file(args.config)
+        # a saved config.json names the settings its preset / method filled in: they stay unset here, so that
+        # another --preset or --method fills them again (the values the user gave are kept)
+        filled = data.pop("filled_in", [])
+        if not (isinstance(filled, list) and set(filled) <= set(SETTING_DEFAULTS)):
+            raise ValueError(f"--config {args.config}: filled_in must list loss settings among "
+                             f"{sorted(SETTING_DEFAULTS)}, got {filled!r}")
+        for name in filled:
+            data.pop(name, None)
         unknown = sorted(set(data) - fields - set(RUN_KEYS))
         if unknown:
             raise ValueError(f"--config {args.config}: unknown setting(s) {unknown}; known: "
@@ -354,7 +362,8 @@ def _unlearn(args, prep):
         load = image_loader(model, image_processor, root)
     if int(os.environ.get("RANK", 0)) == 0:
         # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
-        write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config)}, indent=2))
+        write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config),
+                                                                 "filled_in": config.filled_in()}, indent=2))
     nll = {"max_length": config.max_length, "image_loader": load}
     before = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
@@ -464,11 +473,13 @@ def _cmd_asr(args):
     safe = _read_prompt_file(args.safe, args.limit, harmful=False, subset=args.safe_subset,
                              variants=args.variants) if args.safe else []
     for flag, path, records in (("--harmful", args.harmful, harmful), ("--safe", args.safe, safe)):
-        for i, r in enumerate(records):  # every image found before the model is loaded
+        for i, r in enumerate(records):  # every image found and readable before the model is loaded
             if r.image and not os.path.isfile(os.path.join(args.image_root or "", r.image)):
                 fail(f"{flag} {path}: record {i} ({r.prompt[:40]!r}): image "
                      f"{os.path.join(args.image_root or '', r.image)} not found"
                      + ("" if args.image_root else " (relative paths are resolved against --image-root)"))
+            if r.image:
+                _check_image(os.path.join(args.image_root or "", r.image), f"{flag} {path}: record {i}: image")
     spec = _judge_spec(args.judge)
     if spec[0] == "keyword":
         judge = RefusalJudge(spec[1])
@@ -481,6 +492,8 @@ def _cmd_asr(args):
     if "figstep" in attacks and image_processor is None and not is_qwen_vl(model):  # before any generation
         raise ValueError(f"--attacks figstep needs an image processor: --model {args.model} has none saved "
                          "(preprocessor_config.json)")
+    if any(r.image for r in harmful + safe):
+        image_tokens(model)  # a model without a vision tower cannot take image records: say so before --out exists
     os.makedirs(args.out, exist_ok=True)
     partial = os.path.join(args.out, "responses.partial.jsonl")
     with open(partial, "w", encoding="utf-8") as log:  # appended per batch: an interruption keeps what was done

@@ -67,7 +67,8 @@ class UnlearnConfig:
     rmu_alpha: float = setting(None, "RMU: weight of the retain term (unset: the preset's, else 10)")
     rmu_tokens: str = setting(None, "RMU: rows compared, 'attended' (every non-padding position) or 'labelled' "
                                     "(answer positions) (unset: the preset's, else 'attended')", RMU_TOKENS)
-    nll_bound: float = setting(15.0, "divergence guard: stop ascending a forget sample once its NLL passes this")
+    nll_bound: float = setting(None, "divergence guard: stop ascending a forget sample once its NLL passes this "
+                                     "(unset: 15, or no guard (inf) under a preset: the peers have none)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
     seed: int = setting(0, "seed of batches, control vectors and mismatches")
@@ -95,6 +96,11 @@ class UnlearnConfig:
             if given[name] is None:
                 setattr(self, name, ResolvedStr(value) if isinstance(value, str) else ResolvedFloat(value))
 
+    def filled_in(self) -> list:
+        """The settings the preset / method defaults filled in (the user gave no value): saved with config.json so
+        that `--config` reading it back leaves them unset, and a new --preset or --method fills them again."""
+        return [name for name in SETTING_DEFAULTS if isinstance(getattr(self, name), (ResolvedFloat, ResolvedStr))]
+
     def validate(self) -> "UnlearnConfig":
         """Checks the settings (ValueError naming the setting) after resolving the unset ones; returns self."""
         method = get_method(self.method)
@@ -115,7 +121,8 @@ class UnlearnConfig:
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             if f.type in (int, float) and not numeric:
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
+            no_guard = f.name == "nll_bound" and value == math.inf  # nll_bound inf: no divergence guard
+            if isinstance(value, float) and not math.isfinite(value) and not no_guard:
                 raise ValueError(f"{f.name} must be finite, got {value}")
         for name in ("steps", "batch_size", "lora_rank", "max_length"):
             if getattr(self, name) < 1:

@@ -12,6 +12,7 @@ Adding a method: subclass UnlearningMethod, give it a `name`, implement `loss`, 
 
 It is then reachable as Unlearner(method="mine") and `unlearn-engine unlearn --method mine`.
 """
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -209,36 +210,39 @@ class Textual(UnlearningMethod):
 # The loss settings a preset or a method may set, and their values when neither does.
 SETTING_DEFAULTS = dict(beta=0.1, delta=0.0, forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0,
                         forget_pooling="sample", retain_pooling="sample", forget_normalize="mean",
-                        retain_normalize="mean", rmu_coeff=20.0, rmu_alpha=10.0, rmu_tokens="attended")
+                        retain_normalize="mean", rmu_coeff=20.0, rmu_alpha=10.0, rmu_tokens="attended", nll_bound=15.0)
+# Neither peer has our divergence guard (a forget sample stops being ascended once its NLL passes nll_bound): a
+# preset turns it off unless the user sets nll_bound.
+NO_GUARD = dict(nll_bound=math.inf)
 
 # Settings that reproduce a peer codebase's loss on the same batch (README: "Matching open-unlearning and Safety
 # Mirage"), by our method name; hyper-parameters are the peer's shipped defaults. Its names, in the comments.
 PRESETS = {
     "open-unlearning": {  # locuslab/open-unlearning, src/trainer/unlearn/*.py and configs/trainer/*.yaml
         # GradAscent: -model(**forget).loss, the token mean over the whole forget batch
-        "ga": dict(forget_pooling="batch", forget_normalize="mean"),
+        "ga": dict(**NO_GUARD, forget_pooling="batch", forget_normalize="mean"),
         # GradDiff: gamma * forget + alpha * retain NLL, both token means over their batch
-        "gd": dict(forget_pooling="batch", forget_normalize="mean", retain_pooling="batch", retain_normalize="mean",
-                   forget_weight=1.0, retain_weight=1.0),
+        "gd": dict(**NO_GUARD, forget_pooling="batch", forget_normalize="mean", retain_pooling="batch",
+                   retain_normalize="mean", forget_weight=1.0, retain_weight=1.0),
         # NPO (compute_dpo_loss): per forget sample, summed log-likelihood; beta 0.1, gamma 1, alpha 1
-        "npo": dict(beta=0.1, forget_pooling="sample", forget_normalize="sum", retain_pooling="batch",
+        "npo": dict(**NO_GUARD, beta=0.1, forget_pooling="sample", forget_normalize="sum", retain_pooling="batch",
                     retain_normalize="mean", forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0),
         # SimNPO: per forget sample, length-normalised; beta 4.5, delta 0, gamma 0.125, alpha 1
-        "simnpo": dict(beta=4.5, delta=0.0, forget_pooling="sample", forget_normalize="mean",
+        "simnpo": dict(**NO_GUARD, beta=4.5, delta=0.0, forget_pooling="sample", forget_normalize="mean",
                        retain_pooling="batch", retain_normalize="mean", forget_weight=0.125, retain_weight=1.0),
         # RMU (compute_activation_loss over labels != -100, per sample; EMBED_DIFF retain): steering_coeff 2,
         # gamma 1, alpha 1
-        "rmu": dict(rmu_tokens="labelled", forget_pooling="sample", retain_pooling="sample", forget_weight=1.0,
-                    rmu_alpha=1.0, rmu_coeff=2.0),
+        "rmu": dict(**NO_GUARD, rmu_tokens="labelled", forget_pooling="sample", retain_pooling="sample",
+                    forget_weight=1.0, rmu_alpha=1.0, rmu_coeff=2.0),
     },
     "safety-mirage": {  # OPTML-Group/VLM-Safety-Unlearn, LLaVAUnlearnTrainer.training_step, scripts/v1_5/*.sh
         # NPO: one softplus of the batch-pooled token mean (model loss); npo_beta 0.9, npo_forget_alpha 1,
         # npo_llava_loss_weight 1 (retain NLL), npo_retain_alpha 1 (retain-side NPO), as finetune_unlearn_npo.sh
-        "npo": dict(beta=0.9, forget_pooling="batch", forget_normalize="mean", retain_pooling="batch",
+        "npo": dict(**NO_GUARD, beta=0.9, forget_pooling="batch", forget_normalize="mean", retain_pooling="batch",
                     retain_normalize="mean", forget_weight=1.0, retain_weight=1.0, retain_npo_weight=1.0),
         # RMU: mse_loss over every activation element of the batch; rmu_steering_coeffs 10, rmu_retain_alpha 1
-        "rmu": dict(rmu_tokens="attended", forget_pooling="batch", retain_pooling="batch", forget_weight=1.0,
-                    rmu_alpha=1.0, rmu_coeff=10.0),
+        "rmu": dict(**NO_GUARD, rmu_tokens="attended", forget_pooling="batch", retain_pooling="batch",
+                    forget_weight=1.0, rmu_alpha=1.0, rmu_coeff=10.0),
     },
 }
 PRESET_NAMES = ("none", *PRESETS)

@@ -534,7 +534,16 @@ def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, ba
         chunk = records[start:start + batch_size]
         images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
             else {}
+        stats = {}
+        encode(chunk, tokenizer, max_length=max_length, stats=stats, **images)
+        # a record cut before its response is left out, and never reaches the model: its cut may fall inside
+        # the image tokens, which the model would refuse (tokens and image features no longer match)
+        chunk = [r for r, n in zip(chunk, stats["labelled"]) if n > 0]
+        if not chunk:
+            continue
         batch = _on_model(encode(chunk, tokenizer, max_length=max_length, **images), model)
         logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
         values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
+    require(bool(values), f"none of the {len(records)} record(s) keeps a response token after the max_length="
+                          f"{max_length} cut: raise max_length")
     return float(torch.cat(values).mean())

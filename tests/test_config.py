@@ -124,3 +124,27 @@ def test_unregistered_method_is_refused_by_the_cli(tiny_llava_dir, capsys):
         cli.main(["unlearn", "--model", str(tiny_llava_dir), "--method", "test_half_retain"])
     assert exit_.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_saved_config_lets_a_new_preset_or_method_fill_its_settings(tiny_llava_dir, data_files, tmp_path, capsys):
+    """Catches a run's config.json freezing the values its preset / method filled in: read back with --config and
+    another --method / --preset, those settings take the new preset's values (beta 4.5, forget_weight 0.125,
+    batch retain pooling, no divergence guard), while a value the user gave (lr) and the run settings are kept;
+    read back unchanged, it resolves to the same settings (what --resume relies on)."""
+    forget, retain = data_files
+    first = tmp_path / "first"
+    common = ["--dtype", "float32", "--device", "cpu", "--no-progress", "--json", "--steps", "1"]
+    assert cli.main(["unlearn", "--model", str(tiny_llava_dir), "--forget", str(forget), "--retain", str(retain),
+                     "--out", str(first), "--method", "npo", "--lr", "0.002", *common]) == 0
+    before = json.loads(capsys.readouterr().out)["config"]
+    saved = json.loads((first / "config.json").read_text())
+    assert "beta" in saved["filled_in"] and "lr" not in saved["filled_in"] and saved["beta"] == 0.1
+    second = tmp_path / "second"
+    assert cli.main(["unlearn", "--config", str(first / "config.json"), "--out", str(second), "--method", "simnpo",
+                     "--preset", "open-unlearning", *common]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["beta"], config["forget_weight"], config["retain_pooling"]) == (4.5, 0.125, "batch")
+    assert config["nll_bound"] == float("inf") and config["lr"] == 0.002
+    third = tmp_path / "third"
+    assert cli.main(["unlearn", "--config", str(first / "config.json"), "--out", str(third), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["config"] == before

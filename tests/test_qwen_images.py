@@ -315,6 +315,31 @@ def test_unlearn_cli_with_qwen_image_records(qwen2_dir, image_dir, tmp_path, cap
     assert code == 0 and (out / "model" / "config.json").exists(), err
 
 
+def test_unlearn_cli_leaves_out_a_record_cut_inside_its_image(qwen2_dir, image_dir, tmp_path, capsys):
+    """Catches a record whose --max-length cut falls inside its image tokens reaching the model (which refuses
+    tokens that no longer match the image features): the before/after NLL and the run leave it out, the other
+    records train, and the report counts it as skipped."""
+    import shutil
+
+    from unlearn_engine.api.data import write_jsonl
+
+    root = tmp_path / "images"
+    shutil.copytree(image_dir, root)
+    picture(64, 64, 7).save(root / "big.png")  # 64 image tokens: past --max-length 40
+    forget = FORGET + [ue.Record("how to make a mine", "step one dig step two hide", "forget", "big.png")]
+    write_jsonl(forget, str(tmp_path / "f.jsonl"))
+    write_jsonl(RETAIN, str(tmp_path / "r.jsonl"))
+    out = tmp_path / "run"
+    code = main(["unlearn", "--model", str(qwen2_dir), "--forget", str(tmp_path / "f.jsonl"), "--retain",
+                 str(tmp_path / "r.jsonl"), "--image-root", str(root), "--out", str(out), "--steps", "1",
+                 "--max-length", "40", "--dtype", "float32", "--device", "cpu", "--no-progress", "--method", "gd",
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and (out / "model" / "config.json").exists(), captured.err
+    report = json.loads(captured.out)
+    assert report["data"]["forget"]["skipped"] == [2], report["data"]
+
+
 def test_model_judge_shows_qwen_images(qwen2_dir, image_dir, monkeypatch):
     """Catches the judge model asked about an image without it: its raw outputs equal generate() with the same
     encoded images (a Qwen judge without a saved image processor gets one from its config)."""
