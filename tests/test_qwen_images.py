@@ -282,6 +282,20 @@ def test_asr_cli_vlguard_bad_input(qwen2_dir, image_dir, tmp_path, capsys, conte
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_asr_cli_refuses_an_unreadable_image_before_writing(qwen2_dir, tmp_path, capsys):
+    """Catches an image file that is no image found only while generating, after --out was started: exit 2 with
+    one line naming the record and the file, and no --out at all."""
+    (tmp_path / "broken.png").write_text("not an image")
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([dict(TEST_JSON[0], image="broken.png")]))
+    out = tmp_path / "out"
+    code, stdout, err = run_asr(["--model", str(qwen2_dir), "--harmful", str(path), "--out", str(out),
+                                 "--image-root", str(tmp_path)], capsys)
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert "test.json: record 0: image" in err and "broken.png is not a readable image" in err, err
+    assert not out.exists()
+
+
 def test_rai_cli_on_a_qwen_image(qwen2_dir, image_dir, capsys):
     """Catches `rai` dropping the image of a Qwen prompt, or scoring other tokens than the merger's: the answers
     and scores equal in-process generation with the same image under the same RiskAwareness."""
