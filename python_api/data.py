@@ -28,6 +28,7 @@ class Record:
     image: str | None = None
     category: str | None = None
     group: str | None = None  # the source query's id: one-word variants of one query, turns of one dialogue
+    typography: str | None = None  # the text a typographic (FigStep) attack types into the image; None: the prompt
 
 
 def read_text(path: str) -> str:
@@ -59,7 +60,7 @@ def read_jsonl(path: str, *, role: str | None = None) -> List[Record]:
         if r not in ROLE_NAMES:
             raise ValueError(f"{path}:{line_no}: role must be one of {ROLE_NAMES}, got {r!r}")
         records.append(Record(item["prompt"], str(item.get("response", "")), r, item.get("image"),
-                              item.get("category"), item.get("group")))
+                              item.get("category"), item.get("group"), item.get("typography")))
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -75,6 +76,8 @@ def write_jsonl(records: Sequence[Record], path: str) -> None:
             item["category"] = r.category
         if r.group is not None:
             item["group"] = r.group
+        if r.typography is not None:
+            item["typography"] = r.typography
         lines.append(json.dumps(item) + "\n")
     write_text(path, "".join(lines))
 
@@ -119,7 +122,8 @@ def read_figstep(path: str) -> List[Record]:
     """FigStep SafeBench CSV (question, instruction, category_name): the question is the harmful query and
     the instruction the typographic text the attack renders into an image."""
     rows = _read_csv(path, ("question", "instruction", "category_name"))
-    return [Record(r["question"], r["instruction"], "forget", category=r["category_name"]) for r in rows]
+    return [Record(r["question"], r["instruction"], "forget", category=r["category_name"], typography=r["instruction"])
+            for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- JSON datasets
