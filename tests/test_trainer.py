@@ -71,3 +71,33 @@ def test_trainer_loss_npo_at_reference_is_2ln2_over_beta(length_normalize):
         loss = ue.trainer_loss(model, batch, forget="npo", retain=None, beta=beta, forget_weight=0.7,
                                length_normalize=length_normalize)
         assert loss.item() == pytest.approx(0.7 * (2.0 / beta) * math.log(2.0), rel=1e-5), beta
+
+
+@pytest.mark.parametrize("preset,forget,retain_npo", [("open-unlearning", "npo", None), ("safety-mirage", "npo", None),
+                                                      (None, "ga", 0.5)])
+def test_trainer_loss_makes_ref_logp_from_ref_model_in_each_groups_setting(preset, forget, retain_npo):
+    """Catches ref_logp made in one setting for every group (open-unlearning's NPO sums the forget samples'
+    log-likelihoods and averages the retain ones'): without inputs["ref_logp"], ref_model gives the same loss as
+    ref_logp computed by hand per group, and a mean-only ref_logp gives another."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model, ref = transformers.LlamaForCausalLM(config).eval(), transformers.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[1, :5] = -100  # unequal answer lengths: sum and mean differ by more than a constant
+    roles = torch.tensor([ue.FORGET, ue.FORGET, ue.RETAIN, ue.RETAIN])
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, roles=roles)
+    options = dict(forget=forget, retain="nll", preset=preset, retain_npo_weight=retain_npo)
+    auto = ue.trainer_loss(model, batch, ref_model=ref, **options)
+    sums = ue.reference_logp(ref, input_ids, labels, normalize="sum")
+    means = ue.reference_logp(ref, input_ids, labels, normalize="mean")
+    forget_sum = preset == "open-unlearning"
+    by_hand = torch.where(roles == ue.FORGET, sums if forget_sum else means, means)
+    assert auto.item() == pytest.approx(ue.trainer_loss(model, dict(batch, ref_logp=by_hand), **options).item(),
+                                        rel=1e-6)
+    if forget_sum:
+        assert auto.item() != pytest.approx(ue.trainer_loss(model, dict(batch, ref_logp=means), **options).item(),
+                                            rel=1e-3)
