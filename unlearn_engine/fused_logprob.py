@@ -23,9 +23,20 @@ from unlearn_engine._library import ops
 
 
 # ----------------------------------------------------------------------------- op registrations
-def _grad_bias_like(bias, hidden):
+def _grad_bias_like(bias, hidden, dtype=None):
     # The op returns an empty fp32 tensor for the bias gradient when there is no bias.
-    return torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(bias, dtype=dtype) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+
+
+def _forward_grad_dtype(hidden):
+    # Gradients made in the forward walk: fp32 for fp16 inputs (the backward rounds them after the loss scale).
+    return torch.float32 if hidden.dtype == torch.float16 else None
+
+
+def _forward_grads_fake(hidden, weight, bias):
+    dtype = _forward_grad_dtype(hidden)
+    return (torch.empty_like(hidden, dtype=dtype), torch.empty_like(weight, dtype=dtype),
+            _grad_bias_like(bias, hidden, dtype))
 
 
 @torch.library.register_fake("unlearn_engine::fused_logprob")
@@ -45,16 +56,15 @@ def _fused_logprob_backward_fake(hidden, weight, bias, labels, ref_hidden, ref_w
 def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp,
                                  coef_kl, chunk_size):
     logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
-    return (hidden.new_empty((), dtype=torch.float32), logp, kl, torch.empty_like(hidden),
-            torch.empty_like(weight), _grad_bias_like(bias, hidden))
+    return (hidden.new_empty((), dtype=torch.float32), logp, kl, *_forward_grads_fake(hidden, weight, bias))
 
 
 @torch.library.register_fake("unlearn_engine::fused_group_objective")
 def _fused_group_objective_fake(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
                                 ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size):
     logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
-    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(linear), logp, kl, torch.empty_like(hidden),
-            torch.empty_like(weight), _grad_bias_like(bias, hidden))
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(linear), logp, kl,
+            *_forward_grads_fake(hidden, weight, bias))
 
 
 def _fused_logprob_setup(ctx, inputs, output):
@@ -106,6 +116,7 @@ class _GroupObjective(torch.autograd.Function):
             hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden, ref_weight,
             ref_bias, coef_kl, chunk_size)
         ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
+        ctx.dtypes = [hidden.dtype, weight.dtype, bias.dtype if bias is not None else None]
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(group_logp, token_logp, token_kl)
         return loss, group_logp, token_logp, token_kl
@@ -116,7 +127,8 @@ class _GroupObjective(torch.autograd.Function):
             raise RuntimeError("the fused group-objective path of unlearning_loss supports one backward per "
                                "forward (its gradients are made in the forward pass)")
         grads, ctx.grads = ctx.grads, None
-        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in grads)  # in place: no 2nd V x H buffer
+        # in place (no 2nd V x H buffer); fp16 inputs: fp32 gradients scaled first, then rounded once
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss).to(d or g.dtype) for g, d in zip(grads, ctx.dtypes))
         return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
 
 

@@ -71,6 +71,9 @@ struct Inputs {
   OptTensor bias, ref_hidden, ref_weight, ref_bias;
   int64_t N = 0, V = 0;
   bool with_ref = false, low_precision = false;
+  // fp16 gradients made in the forward walk are returned in fp32: the backward's grad_output (an fp16 loss scale)
+  // multiplies them before they are rounded, so small entries do not flush to zero first.
+  bool fp32_grads = false;
   at::ScalarType dtype, acc_type;  // acc_type: W and bias gradients accumulate in fp32 (fp64 for fp64 inputs)
   at::TensorOptions f32;
 };
@@ -125,7 +128,7 @@ Outputs make_outputs(const Inputs& in, bool want_grad) {
   out.kl = in.with_ref ? at::zeros({in.N}, in.f32) : at::empty({0}, in.f32);
   if (want_grad) {
     const auto acc = in.hidden.options().dtype(in.acc_type);
-    out.grad_hidden = at::zeros_like(in.hidden);
+    out.grad_hidden = in.fp32_grads ? at::zeros(in.hidden.sizes(), in.f32) : at::zeros_like(in.hidden);
     out.grad_weight = at::zeros({in.V, in.hidden.size(1)}, acc);
     out.grad_bias = in.bias ? at::zeros({in.V}, acc) : at::empty({0}, in.f32);
   }
@@ -155,7 +158,7 @@ struct ChunkRows {
 // dL/dW and dL/db (fp32, fp64 for fp64 inputs).
 void accumulate_gradients(const Inputs& in, Outputs& out, const at::Tensor& dz, const at::Tensor& h,
                           const ChunkRows& rows, bool& cuda_accumulate) {
-  out.grad_hidden.index_copy_(0, rows.idx, at::mm(dz, in.weight));
+  out.grad_hidden.index_copy_(0, rows.idx, at::mm(dz, in.weight).to(out.grad_hidden.scalar_type()));
   if (cuda_accumulate) {
     try {
       at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
@@ -177,6 +180,7 @@ void finish_gradients(const Inputs& in, Outputs& out, const at::Tensor& grad_sca
     out.grad_weight.mul_(grad_scale);
     if (in.bias) out.grad_bias.mul_(grad_scale);
   }
+  if (in.fp32_grads) return;  // rounded by the caller after grad_output has scaled them
   out.grad_weight = out.grad_weight.to(in.weight.scalar_type());
   if (in.bias) out.grad_bias = out.grad_bias.to(in.bias->scalar_type());
 }
@@ -199,9 +203,10 @@ bool cuda_accumulates(const Inputs& in) { return in.hidden.is_cuda() && in.low_p
 Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
             const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
             const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
-            int64_t chunk_size) {
-  const Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in,
-                            coef_kl, chunk_size);
+            int64_t chunk_size, bool made_in_forward = false) {
+  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
+                      chunk_size);
+  in.fp32_grads = made_in_forward && in.dtype == at::kHalf;
   const bool want_grad = coef_logp.has_value();
   if (want_grad) check_token_vector(*coef_logp, in.N, at::kFloat, in.hidden.device(), "coef_logp");
   const c10::DeviceGuard guard(in.hidden.device());
@@ -277,8 +282,9 @@ GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in
                         const at::Tensor& sigmoid, const at::Tensor& shift, const at::Tensor& denom, double beta,
                         const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in, const OptTensor& ref_bias_in,
                         const OptTensor& coef_kl, int64_t chunk_size) {
-  const Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in,
-                            coef_kl, chunk_size);
+  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
+                      chunk_size);
+  in.fp32_grads = in.dtype == at::kHalf;  // gradients made in the forward walk
   const auto device = in.hidden.device();
   check_token_vector(group_index, in.N, at::kLong, device, "group_index");
   TORCH_CHECK(linear.dim() == 1, "linear must be 1-D (G,), got shape ", linear.sizes());
@@ -468,7 +474,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& labels,
     const OptTensor& ref_hidden, const OptTensor& ref_weight, const OptTensor& ref_bias,
     const at::Tensor& coef_logp, const OptTensor& coef_kl, int64_t chunk_size) {
-  Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size);
+  Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size,
+                  /*made_in_forward=*/true);
   at::Tensor loss = (o.logp * coef_logp).sum();
   if (coef_kl) loss = loss + (o.kl * *coef_kl).sum();
   return {loss, o.logp, o.kl, o.grad_hidden, o.grad_weight, o.grad_bias};
