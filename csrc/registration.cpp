@@ -25,8 +25,9 @@ TORCH_LIBRARY(unlearn_engine, m) {
         "-> (Tensor loss, Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   m.def("fused_group_objective(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor group_index, "
         "Tensor linear, Tensor sigmoid, Tensor shift, Tensor denom, float beta, Tensor? ref_hidden, "
-        "Tensor? ref_weight, Tensor? ref_bias, Tensor? coef_kl, int chunk_size) -> (Tensor loss, Tensor group_logp, "
-        "Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+        "Tensor? ref_weight, Tensor? ref_bias, Tensor? coef_kl, int chunk_size, bool weight_grad=True) -> "
+        "(Tensor loss, Tensor group_logp, Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, "
+        "Tensor grad_bias)");
   m.def("rmu_loss(Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, float alpha) -> Tensor");
   m.def("rmu_loss_backward(Tensor grad, Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, "
         "float alpha) -> (Tensor grad_forget, Tensor grad_retain)");

@@ -250,6 +250,30 @@ def test_npo_makes_its_gradients_in_one_walk(with_kl):
     assert count_gemms(step(long_group)) == 4 * per_chunk + 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_frozen_head_skips_the_weight_gradient(dtype):
+    """A frozen LM head (LoRA, a trained body): no V x H gradient is made - two GEMMs per chunk instead of three -
+    and dL/dh equals the one made with the head trainable."""
+    groups = torch.arange(32) // 8
+    case = make_case(n=32, groups=groups, num_groups=4)
+    case["labels"][case["labels"] == -100] = 1
+    if dtype == torch.float16:
+        case = {k: (t.half() if t is not None and t.is_floating_point() and k in ("hidden", "weight", "bias") else t)
+                for k, t in case.items()}
+
+    def step(train_head):
+        c = {k: (t.detach().clone().requires_grad_(k == "hidden" or (train_head and k in ("weight", "bias")))
+                 if t is not None else None) for k, t in case.items()}
+        return c, lambda: fused_objective(c, 8)[0].backward()
+
+    trained, run_trained = step(True)
+    frozen, run_frozen = step(False)
+    assert count_gemms(run_trained) == 4 * 3 and count_gemms(run_frozen) == 4 * 2
+    assert frozen["weight"].grad is None and frozen["bias"].grad is None
+    assert frozen["hidden"].grad.dtype == dtype
+    torch.testing.assert_close(frozen["hidden"].grad, trained["hidden"].grad, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- low precision
 def _rel_err(got, want):
     got, want = got.double(), want.double()

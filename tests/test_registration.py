@@ -25,6 +25,11 @@ def test_opcheck_fused_ops(device):
     torch.library.opcheck(ue.ops.fused_group_objective, (h.detach(), w.detach(), b.detach(), c["labels"], groups, -g,
                                                          g, g * 2, g + 1, 0.3, c["ref_hidden"], c["ref_weight"], None,
                                                          coef * 0.5, 3))
+    torch.library.opcheck(ue.ops.fused_group_objective, (h.detach(), w.detach(), b.detach(), c["labels"], groups, -g,
+                                                         g, g * 2, g + 1, 0.3, None, None, None, None, 3, False))
+    torch.library.opcheck(ue.ops.fused_group_objective, (h.detach().half(), w.detach().half(), b.detach().half(),
+                                                         c["labels"], groups, -g, g, g * 2, g + 1, 0.3, None, None,
+                                                         None, None, 3))  # fp16: fp32 gradients (fake agrees)
     torch.library.opcheck(ue.ops.fused_logprob_backward,
                           (h.detach(), w.detach(), None, c["labels"], None, None, None, coef, None, 3))
     f = torch.randn(4, 9, device=device, requires_grad=True)

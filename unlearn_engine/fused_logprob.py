@@ -33,8 +33,11 @@ def _forward_grad_dtype(hidden):
     return torch.float32 if hidden.dtype == torch.float16 else None
 
 
-def _forward_grads_fake(hidden, weight, bias):
+def _forward_grads_fake(hidden, weight, bias, weight_grad=True):
     dtype = _forward_grad_dtype(hidden)
+    if not weight_grad:  # frozen head: empty weight and bias gradients
+        return (torch.empty_like(hidden, dtype=dtype), hidden.new_empty(0, dtype=torch.float32),
+                hidden.new_empty(0, dtype=torch.float32))
     return (torch.empty_like(hidden, dtype=dtype), torch.empty_like(weight, dtype=dtype),
             _grad_bias_like(bias, hidden, dtype))
 
@@ -61,10 +64,10 @@ def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_w
 
 @torch.library.register_fake("unlearn_engine::fused_group_objective")
 def _fused_group_objective_fake(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
-                                ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size):
+                                ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad=True):
     logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
     return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(linear), logp, kl,
-            *_forward_grads_fake(hidden, weight, bias))
+            *_forward_grads_fake(hidden, weight, bias, weight_grad))
 
 
 def _fused_logprob_setup(ctx, inputs, output):
@@ -112,9 +115,13 @@ class _GroupObjective(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden,
                 ref_weight, ref_bias, coef_kl, chunk_size):
+        # a frozen LM head (LoRA, a trained body) gets no V x H gradient: 4 N H V flop instead of 6
+        weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         loss, group_logp, token_logp, token_kl, grad_hidden, grad_weight, grad_bias = ops.fused_group_objective(
             hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden, ref_weight,
-            ref_bias, coef_kl, chunk_size)
+            ref_bias, coef_kl, chunk_size, weight_grad)
+        if not weight_grad:
+            grad_weight = grad_bias = None
         ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
         ctx.dtypes = [hidden.dtype, weight.dtype, bias.dtype if bias is not None else None]
         ctx.has_bias = bias is not None
@@ -128,7 +135,8 @@ class _GroupObjective(torch.autograd.Function):
                                "forward (its gradients are made in the forward pass)")
         grads, ctx.grads = ctx.grads, None
         # in place (no 2nd V x H buffer); fp16 inputs: fp32 gradients scaled first, then rounded once
-        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss).to(d or g.dtype) for g, d in zip(grads, ctx.dtypes))
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss).to(d or g.dtype)
+                                               for g, d in zip(grads, ctx.dtypes))
         return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
 
 

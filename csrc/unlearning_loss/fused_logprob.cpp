@@ -74,6 +74,9 @@ struct Inputs {
   // fp16 gradients made in the forward walk are returned in fp32: the backward's grad_output (an fp16 loss scale)
   // multiplies them before they are rounded, so small entries do not flush to zero first.
   bool fp32_grads = false;
+  // false when the LM head is frozen (LoRA, a trained body): no V x H gradient is allocated or accumulated (the walk
+  // then does 4 N H V flop instead of 6).
+  bool weight_grad = true;
   at::ScalarType dtype, acc_type;  // acc_type: W and bias gradients accumulate in fp32 (fp64 for fp64 inputs)
   at::TensorOptions f32;
 };
@@ -129,8 +132,8 @@ Outputs make_outputs(const Inputs& in, bool want_grad) {
   if (want_grad) {
     const auto acc = in.hidden.options().dtype(in.acc_type);
     out.grad_hidden = in.fp32_grads ? at::zeros(in.hidden.sizes(), in.f32) : at::zeros_like(in.hidden);
-    out.grad_weight = at::zeros({in.V, in.hidden.size(1)}, acc);
-    out.grad_bias = in.bias ? at::zeros({in.V}, acc) : at::empty({0}, in.f32);
+    out.grad_weight = in.weight_grad ? at::zeros({in.V, in.hidden.size(1)}, acc) : at::empty({0}, acc);
+    out.grad_bias = in.bias && in.weight_grad ? at::zeros({in.V}, acc) : at::empty({0}, in.f32);
   }
   return out;
 }
@@ -159,6 +162,7 @@ struct ChunkRows {
 void accumulate_gradients(const Inputs& in, Outputs& out, const at::Tensor& dz, const at::Tensor& h,
                           const ChunkRows& rows, bool& cuda_accumulate) {
   out.grad_hidden.index_copy_(0, rows.idx, at::mm(dz, in.weight).to(out.grad_hidden.scalar_type()));
+  if (!in.weight_grad) return;
   if (cuda_accumulate) {
     try {
       at::addmm_out(out.grad_weight, out.grad_weight, dz.t(), h, at::kFloat);
@@ -177,10 +181,10 @@ void accumulate_gradients(const Inputs& in, Outputs& out, const at::Tensor& dz, 
 void finish_gradients(const Inputs& in, Outputs& out, const at::Tensor& grad_scale) {
   if (grad_scale.defined()) {
     out.grad_hidden.mul_(grad_scale);  // opmath fp32, rounded once to the model dtype
-    out.grad_weight.mul_(grad_scale);
-    if (in.bias) out.grad_bias.mul_(grad_scale);
+    if (in.weight_grad) out.grad_weight.mul_(grad_scale);
+    if (in.bias && in.weight_grad) out.grad_bias.mul_(grad_scale);
   }
-  if (in.fp32_grads) return;  // rounded by the caller after grad_output has scaled them
+  if (in.fp32_grads || !in.weight_grad) return;  // fp16: rounded by the caller after grad_output has scaled them
   out.grad_weight = out.grad_weight.to(in.weight.scalar_type());
   if (in.bias) out.grad_bias = out.grad_bias.to(in.bias->scalar_type());
 }
@@ -281,10 +285,11 @@ GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in
                         const at::Tensor& labels, const at::Tensor& group_index, const at::Tensor& linear,
                         const at::Tensor& sigmoid, const at::Tensor& shift, const at::Tensor& denom, double beta,
                         const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in, const OptTensor& ref_bias_in,
-                        const OptTensor& coef_kl, int64_t chunk_size) {
+                        const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad) {
   Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
                       chunk_size);
   in.fp32_grads = in.dtype == at::kHalf;  // gradients made in the forward walk
+  in.weight_grad = weight_grad;
   const auto device = in.hidden.device();
   check_token_vector(group_index, in.N, at::kLong, device, "group_index");
   TORCH_CHECK(linear.dim() == 1, "linear must be 1-D (G,), got shape ", linear.sizes());
@@ -487,9 +492,9 @@ SevenTensors fused_group_objective(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& labels,
     const at::Tensor& group_index, const at::Tensor& linear, const at::Tensor& sigmoid, const at::Tensor& shift,
     const at::Tensor& denom, double beta, const OptTensor& ref_hidden, const OptTensor& ref_weight,
-    const OptTensor& ref_bias, const OptTensor& coef_kl, int64_t chunk_size) {
+    const OptTensor& ref_bias, const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad) {
   GroupOutputs o = run_groups(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
-                              ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size);
+                              ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad);
   return {o.loss, o.group_logp, o.tokens.logp, o.tokens.kl, o.tokens.grad_hidden, o.tokens.grad_weight,
           o.tokens.grad_bias};
 }
