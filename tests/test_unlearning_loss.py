@@ -507,6 +507,18 @@ def test_row_pass_block_widths(device, v):
     assert_matches(run(ue.unlearning_loss, case, chunk_size=4, **options), reference(case, **options), torch.float32)
 
 
+def _fp16_batch(device, n, h, v, samples, seed):
+    """fp16 hidden (N, H) and head (V, H) with gradients, random labels, `samples` equal samples alternating
+    forget / retain."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(device, torch.float16).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, torch.float16).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    sample_index = (torch.arange(n) // (n // samples)).to(device)
+    roles = torch.tensor([ue.FORGET, ue.RETAIN] * (samples // 2), device=device)
+    return hidden, weight, labels, sample_index, roles
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_fast_path_at_realistic_size(device):
     """fp16 on the fast GA / NLL path is as accurate as bf16. GA + NLL at N=4096, V=32064 (H kept small for CPU
@@ -515,12 +527,7 @@ def test_fp16_fast_path_at_realistic_size(device):
     stored gradient is kept of order 1 (coefficients normalised, the scale applied to the accumulated gradients);
     before, 95-99% of it flushed to zero. Measured here: fp16 2.3e-4 relative error, bf16 1.6e-3."""
     n, h, v, samples = 4096, 16, 32064, 32
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=g).to(device, torch.float16).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, torch.float16).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
-    sample_index = (torch.arange(n) // (n // samples)).to(device)
-    roles = torch.tensor([ue.FORGET, ue.RETAIN] * (samples // 2), device=device)
+    hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=0)
     ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll").loss.backward()
     # fp32 gradient of sum_t coef_t * logp_t on the same (fp16) inputs, in chunks of rows
     coef = torch.where(roles[sample_index] == ue.FORGET, 1.0, -1.0) / (16 * 128)
@@ -547,12 +554,7 @@ def test_fp16_loss_scale_applies_before_rounding(device, forget):
     every gradient is ~1e-5, inside fp16's subnormal range (below 6.1e-5) where rounding costs ~1% unless the scale
     lifts it first. Measured on CPU: rounding first (before the fix) 6.9e-3 relative error on grad_hidden; now 3.2e-4."""
     n, h, v, samples = 2048, 16, 4096, 32
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(n, h, generator=g).to(device, torch.float16).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, torch.float16).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
-    sample_index = (torch.arange(n) // (n // samples)).to(device)
-    roles = torch.tensor([ue.FORGET, ue.RETAIN] * (samples // 2), device=device)
+    hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=1)
     options = dict(forget=forget, retain="nll", forget_weight=0.01, retain_weight=0.01)
     if forget == "npo":
         options["ref_logp"] = torch.full((samples,), -9.0, device=device)
