@@ -113,6 +113,19 @@ def _check_image(path, flag="--image"):
         fail(f"{flag} {path} is not a readable image ({err})")
 
 
+def _check_record_images(records, root, source):
+    """Every record's image (joined to --image-root `root`) found and readable before a model is loaded; `source`
+    ("--FLAG FILE") names where the records came from."""
+    for i, r in enumerate(records):
+        if not r.image:
+            continue
+        path = os.path.join(root or "", r.image)
+        if not os.path.isfile(path):
+            fail(f"{source}: record {i} ({r.prompt[:40]!r}): image {path} not found"
+                 + ("" if root else " (relative paths are resolved against --image-root)"))
+        _check_image(path, f"{source}: record {i}: image")
+
+
 def _prepare_unlearn(args) -> argparse.Namespace:
     """Everything an unlearn run can be refused for, checked before any model is loaded or file written (loading
     a 7B takes minutes); returns what was read (run settings, config, records, fingerprint) for the run itself."""
@@ -136,10 +149,8 @@ def _prepare_unlearn(args) -> argparse.Namespace:
             f"method {config.method!r} needs retain records (--retain)")
     root = run["image_root"]
     require(root is None or os.path.isdir(root), f"--image-root {root} is not a directory")
-    for r in forget + retain:
-        if r.image and not os.path.isfile(os.path.join(root or "", r.image)):
-            fail(f"record {r.prompt[:40]!r}: image {os.path.join(root or '', r.image)} not found"
-                 + ("" if root else " (relative paths are resolved against --image-root)"))
+    for key in ("forget", "retain"):
+        _check_record_images(records[key], root, f"--{key} {run[key]}")
     fingerprint = {"model_path": os.path.abspath(run["model"])}
     checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
     if checkpoints and not run["resume"]:
@@ -473,13 +484,7 @@ def _cmd_asr(args):
     safe = _read_prompt_file(args.safe, args.limit, harmful=False, subset=args.safe_subset,
                              variants=args.variants) if args.safe else []
     for flag, path, records in (("--harmful", args.harmful, harmful), ("--safe", args.safe, safe)):
-        for i, r in enumerate(records):  # every image found and readable before the model is loaded
-            if r.image and not os.path.isfile(os.path.join(args.image_root or "", r.image)):
-                fail(f"{flag} {path}: record {i} ({r.prompt[:40]!r}): image "
-                     f"{os.path.join(args.image_root or '', r.image)} not found"
-                     + ("" if args.image_root else " (relative paths are resolved against --image-root)"))
-            if r.image:
-                _check_image(os.path.join(args.image_root or "", r.image), f"{flag} {path}: record {i}: image")
+        _check_record_images(records, args.image_root, f"{flag} {path}")
     spec = _judge_spec(args.judge)
     if spec[0] == "keyword":
         judge = RefusalJudge(spec[1])

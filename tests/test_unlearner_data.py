@@ -95,8 +95,8 @@ def test_cli_unlearns_image_records_with_image_root(tiny_llava_dir, tmp_path, ca
     assert [m["loss"] for m in metrics] == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing-image", "no-image-root-dir", "out-is-a-file", "checkpoints-no-resume",
-                                  "resume-mismatch", "no-config-json"])
+@pytest.mark.parametrize("case", ["missing-image", "unreadable-image", "no-image-root-dir", "out-is-a-file",
+                                  "checkpoints-no-resume", "resume-mismatch", "no-config-json"])
 def test_cli_checks_before_loading_the_model(tiny_llava_dir, tmp_path, capsys, monkeypatch, case):
     """Catches checks made only after the model load (minutes for a 7B, and a full before-NLL pass)."""
     root = tmp_path / "images"
@@ -111,11 +111,13 @@ def test_cli_checks_before_loading_the_model(tiny_llava_dir, tmp_path, capsys, m
     if case in ("checkpoints-no-resume", "resume-mismatch"):
         assert cli.main(argv) == 0
         capsys.readouterr()
-    words = {"missing-image": "image", "no-image-root-dir": "is not a directory", "out-is-a-file": "exists and is not a folder",
+    words = {"missing-image": "image", "unreadable-image": "f.jsonl: record 0: image", "no-image-root-dir": "is not a directory", "out-is-a-file": "exists and is not a folder",
              "checkpoints-no-resume": "already holds checkpoints", "resume-mismatch": "lr (checkpoint",
              "no-config-json": "has no config.json"}[case]
     if case == "missing-image":
         (root / "red.png").unlink()
+    elif case == "unreadable-image":
+        (root / "red.png").write_text("not an image")
     elif case == "no-image-root-dir":
         argv[-1] = str(tmp_path / "nowhere")
     elif case == "out-is-a-file":
