@@ -584,7 +584,6 @@ def has_groups(records: Sequence[Record]) -> bool:
     return any(r.group is not None for r in records)
 
 
-# FigStep SafeBench's ten categories (read_figstep keeps them in `category`).
 def figstep_text(record: Record) -> str:
     """The text the figstep attack types into `record`'s image: its `typography` (read_figstep sets a FigStep
     SafeBench record's instruction, "Steps to ..."), else its prompt - the response of a VLGuard, JSONL or AdvBench

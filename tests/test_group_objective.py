@@ -76,7 +76,7 @@ def eager_objective(c, upcast=True):
 
 
 def fused_objective(c, chunk_size, nonlinear=True):
-    loss, S, _terms, token_logp, token_kl = group_objective(
+    loss, S, token_logp, token_kl = group_objective(
         c["hidden"], c["weight"], c["labels"], c["group_index"], c["linear"], c["sigmoid"], c["shift"], c["denom"],
         beta=BETA, nonlinear=nonlinear, bias=c["bias"], coef_kl=c["coef_kl"], ref_hidden=c["ref_hidden"],
         ref_weight=c["ref_weight"], ref_bias=c["ref_bias"], chunk_size=chunk_size)

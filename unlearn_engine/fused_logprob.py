@@ -202,13 +202,13 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
                     sigmoid: Tensor, shift: Tensor, denom: Tensor, *, beta: float, nonlinear: bool,
                     bias: Tensor | None = None, coef_kl: Tensor | None = None, ref_hidden: Tensor | None = None,
                     ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
-                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The objective of the module docstring, fused (never N x V logits). Arguments are already checked.
 
     group_index (N,) int64: the token's group in [0, G), or -1 for a token in no group (its log-likelihood is
     still returned). linear, sigmoid, shift, denom: (G,) fp32. nonlinear: whether any sigmoid_g may be nonzero
     (known to the caller without a device sync). coef_kl (N,) fp32 with ref_hidden / ref_weight.
-    Returns (loss (), group_logp S (G,), terms (G,), token_logp (N,), token_kl (N,) or (0,)). `loss` is
+    Returns (loss (), group_logp S (G,), token_logp (N,), token_kl (N,) or (0,)). `loss` is
     differentiable; with nonlinear=True the others are too (a gradient reaching them costs a recompute walk, run only
     then); with nonlinear=False and gradients wanted they are detached diagnostics.
     """
@@ -225,9 +225,7 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
         loss, group_logp, token_logp, token_kl = _GroupObjective.apply(*args[:9], float(beta), *args[9:], chunk_size)
         if not nonlinear:
             # GA / NLL / KL: the outputs other than loss are detached diagnostics.
-            mean = group_logp / denom
-            terms = linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))
-            return loss, group_logp, terms, token_logp, token_kl
+            return loss, group_logp, token_logp, token_kl
         # NPO-like objectives keep their per-group and per-token outputs differentiable; the recompute behind
         # them runs only if a gradient reaches them.
         token_logp, token_kl = _Diagnostics.apply(token_logp, token_kl, hidden, weight, bias, labels, ref_hidden,
@@ -239,10 +237,9 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
                                                    chunk_size)
     group_logp = hidden.new_zeros(num_groups, dtype=torch.float32).index_add(
         0, group_of_token, torch.where(in_group, token_logp, 0.0))
-    mean = group_logp / denom
-    terms = linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))
     if loss is None:
-        loss = terms.sum()
+        mean = group_logp / denom
+        loss = (linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))).sum()
         if coef_kl is not None:
             loss = loss + (coef_kl * token_kl).sum()
-    return loss, group_logp, terms, token_logp, token_kl
+    return loss, group_logp, token_logp, token_kl

@@ -241,7 +241,7 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
         sigmoid = sigmoid - retain_npo_weight * retain_share
         shift = torch.where(retain_unit > 0, -group_ref, shift)
     coef_kl = ((retain_coef / denom)[group_index] * valid).contiguous() if use_kl else None
-    loss, _, _, token_logp, token_kl = group_objective(
+    loss, _, token_logp, token_kl = group_objective(
         hidden, weight, labels, group_index, linear, sigmoid, shift, denom, beta=beta,
         nonlinear=forget != "ga" or retain_npo, bias=bias, coef_kl=coef_kl, ref_hidden=kl_hidden,
         ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk)
