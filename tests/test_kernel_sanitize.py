@@ -6,13 +6,14 @@ import torch
 
 import unlearn_engine as ue
 from unlearn_engine.reference import (
-    masked_step_reference,
     risk_project_reference,
     risk_prototypes_reference,
     rmu_loss_reference,
     topk_mask_reference,
     unlearning_loss_reference,
 )
+
+from conftest import assert_masked_steps_match_torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -97,17 +98,4 @@ def test_topk(dtype):
 def test_masked_steps(algorithm, compact):
     params = [torch.randn(70_001, device="cuda"), torch.randn(3, 5, device="cuda")]
     mask = ue.topk_mask([torch.randn_like(p) for p in params], 0.99)
-    dense = [mask.dense(i) for i in range(2)]
-    kw = dict(lr=0.01, weight_decay=0.1) if algorithm == "adamw" else dict(lr=0.05, momentum=0.9, weight_decay=0.0)
-    make = torch.optim.AdamW if algorithm == "adamw" else torch.optim.SGD
-    ref, ours = [p.clone().requires_grad_() for p in params], [p.clone() for p in params]
-    torch_opt = make(ref, foreach=False, **kw)
-    opt = ue.MaskedOptimizer(ours, mask, algorithm=algorithm, compact_state=compact, **kw)
-    for _ in range(2):
-        grads = [torch.randn_like(p) for p in params]
-        for r, o, gr in zip(ref, ours, grads):
-            r.grad, o.grad = gr.clone(), gr.clone()
-        opt.step()
-        masked_step_reference(torch_opt, ref, dense)
-    for r, o in zip(ref, ours):
-        torch.testing.assert_close(o, r.detach(), rtol=1e-5, atol=1e-6)
+    assert_masked_steps_match_torch(params, mask, algorithm, torch.randn_like, compact=compact, rtol=1e-5)

@@ -7,7 +7,7 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.reference import masked_step_reference, topk_mask_reference
 
-from conftest import DEVICES
+from conftest import DEVICES, assert_masked_steps_match_torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -264,21 +264,8 @@ def test_masked_step_over_65536_indices_in_one_tensor(device, algorithm):
     params = [torch.randn(150_001, generator=g).to(device), torch.randn(5, generator=g).to(device)]
     mask = ue.topk_mask([torch.randn(p.shape, generator=g).to(device) for p in params], 0.5, scope="per_tensor")
     assert mask.count(0) > 65536
-    dense = [mask.dense(i) for i in range(2)]
-    kw = dict(lr=0.01, weight_decay=0.1) if algorithm == "adamw" else dict(lr=0.05, momentum=0.9, weight_decay=0.0)
-    ref = [p.clone().requires_grad_() for p in params]
-    ours = [p.clone() for p in params]
-    make = torch.optim.AdamW if algorithm == "adamw" else torch.optim.SGD
-    torch_opt = make(ref, foreach=False, **kw)
-    opt = ue.MaskedOptimizer(ours, mask, algorithm=algorithm, compact_state=True, **kw)
-    for _ in range(2):
-        grads = [torch.randn(p.shape, generator=g).to(device) for p in params]
-        for r, o, gr in zip(ref, ours, grads):
-            r.grad, o.grad = gr.clone(), gr.clone()
-        opt.step()
-        masked_step_reference(torch_opt, ref, dense)
-        for r, o in zip(ref, ours):
-            torch.testing.assert_close(o, r.detach(), rtol=1e-6, atol=1e-6)
+    assert_masked_steps_match_torch(params, mask, algorithm, lambda p: torch.randn(p.shape, generator=g).to(device),
+                                    compact=True, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
