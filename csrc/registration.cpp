@@ -16,16 +16,17 @@
 TORCH_LIBRARY(unlearn_engine, m) {
   // Family 1: fused per-sample unlearning loss (csrc/unlearning_loss).
   m.def("fused_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
-        "Tensor? ref_weight, Tensor? ref_bias, int chunk_size) -> (Tensor logp, Tensor kl)");
+        "Tensor? ref_weight, Tensor? ref_bias, int chunk_size, bool capturable=False) -> (Tensor logp, Tensor kl)");
   m.def("fused_logprob_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
-        "Tensor? ref_weight, Tensor? ref_bias, Tensor grad_logp, Tensor? grad_kl, int chunk_size) "
-        "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+        "Tensor? ref_weight, Tensor? ref_bias, Tensor grad_logp, Tensor? grad_kl, int chunk_size, "
+        "bool capturable=False) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   m.def("fused_linear_objective(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
         "Tensor? ref_weight, Tensor? ref_bias, Tensor coef_logp, Tensor? coef_kl, int chunk_size) "
         "-> (Tensor loss, Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   m.def("fused_group_objective(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor group_index, "
         "Tensor linear, Tensor sigmoid, Tensor shift, Tensor denom, float beta, Tensor? ref_hidden, "
-        "Tensor? ref_weight, Tensor? ref_bias, Tensor? coef_kl, int chunk_size, bool weight_grad=True) -> "
+        "Tensor? ref_weight, Tensor? ref_bias, Tensor? coef_kl, int chunk_size, bool weight_grad=True, "
+        "bool capturable=False, bool nonlinear=True) -> "
         "(Tensor loss, Tensor group_logp, Tensor logp, Tensor kl, Tensor grad_hidden, Tensor grad_weight, "
         "Tensor grad_bias)");
   m.def("rmu_loss(Tensor forget_act, Tensor control, Tensor retain_act, Tensor retain_ref, float alpha) -> Tensor");

@@ -75,11 +75,11 @@ def eager_objective(c, upcast=True):
     return loss, S, token_logp, token_kl
 
 
-def fused_objective(c, chunk_size, nonlinear=True):
+def fused_objective(c, chunk_size, nonlinear=True, capturable=False):
     loss, S, token_logp, token_kl = group_objective(
         c["hidden"], c["weight"], c["labels"], c["group_index"], c["linear"], c["sigmoid"], c["shift"], c["denom"],
         beta=BETA, nonlinear=nonlinear, bias=c["bias"], coef_kl=c["coef_kl"], ref_hidden=c["ref_hidden"],
-        ref_weight=c["ref_weight"], ref_bias=c["ref_bias"], chunk_size=chunk_size)
+        ref_weight=c["ref_weight"], ref_bias=c["ref_bias"], chunk_size=chunk_size, capturable=capturable)
     return loss, S, token_logp, token_kl
 
 
@@ -106,70 +106,83 @@ def assert_close_fp32(fused, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-def check(case, chunk_size, nonlinear=True, grad_scale=1.0):
-    fused = run(lambda c: fused_objective(c, chunk_size, nonlinear), case, grad_scale)
+def check(case, chunk_size, nonlinear=True, grad_scale=1.0, capturable=False):
+    fused = run(lambda c: fused_objective(c, chunk_size, nonlinear, capturable), case, grad_scale)
     assert_close_fp32(fused, run(eager_objective, case, grad_scale))
     return fused
+
+
+# capturable=True (fused_logprob.group_objective): the same answers from a walk over every row, with a forward
+# pre-pass instead of packed groups for nonlinear objectives, and no host read.
+CAPTURABLE = pytest.mark.parametrize("capturable", [False, True], ids=["packed", "capturable"])
 
 
 # ----------------------------------------------------------------------------- fp32 against the eager objective
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 16, 1000])
-def test_linear_only(device, chunk_size):
-    check(make_case(device, sigmoid=False), chunk_size, nonlinear=False, grad_scale=2.5)
+@CAPTURABLE
+def test_linear_only(device, chunk_size, capturable):
+    check(make_case(device, sigmoid=False), chunk_size, nonlinear=False, grad_scale=2.5, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [4, 7, 16, 1000])
-def test_npo_like_groups(device, chunk_size):
+@CAPTURABLE
+def test_npo_like_groups(device, chunk_size, capturable):
     """Softplus groups only (NPO / SimNPO): each group's coefficient depends on its whole S_g."""
-    check(make_case(device, linear=False), chunk_size, grad_scale=-1.5)
+    check(make_case(device, linear=False), chunk_size, grad_scale=-1.5, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [5, 9, 1000])
-def test_linear_and_softplus_in_one_group_with_kl(device, chunk_size):
+@CAPTURABLE
+def test_linear_and_softplus_in_one_group_with_kl(device, chunk_size, capturable):
     """Both parts in every group (retain-side NPO on top of NLL), plus the KL term with a reference bias."""
-    check(make_case(device, with_kl=True), chunk_size, grad_scale=0.7)
+    check(make_case(device, with_kl=True), chunk_size, grad_scale=0.7, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_groups_straddle_chunk_boundaries(device):
+@CAPTURABLE
+def test_groups_straddle_chunk_boundaries(device, capturable):
     """Groups of 6 tokens with chunks of 8: in token order every other group would be cut by a chunk boundary."""
     groups = torch.arange(36) // 6
     case = make_case(device, n=36, groups=groups, num_groups=6, with_kl=True)
     case["labels"][case["labels"] == -100] = 3  # every token labelled: groups are exactly 6 rows
-    check(case, 8)
+    check(case, 8, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [3, 8])
-def test_group_longer_than_the_chunk(device, chunk_size):
+@CAPTURABLE
+def test_group_longer_than_the_chunk(device, chunk_size, capturable):
     """A softplus group with more labelled rows than the chunk: the forward-only pre-pass over its rows."""
     groups = torch.cat([torch.zeros(25), torch.ones(6), torch.full((6,), 2)]).long()
-    check(make_case(device, groups=groups, num_groups=3, with_kl=True), chunk_size)
+    check(make_case(device, groups=groups, num_groups=3, with_kl=True), chunk_size, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [4, 11, 1000])
-def test_interleaved_groups(device, chunk_size):
+@CAPTURABLE
+def test_interleaved_groups(device, chunk_size, capturable):
     """Pooled groups whose tokens are not contiguous (batch pooling): group t % 3, and a group spanning others."""
     groups = torch.arange(N) % 3
     groups[20:30] = 3
-    check(make_case(device, groups=groups, num_groups=4), chunk_size)
+    check(make_case(device, groups=groups, num_groups=4), chunk_size, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [4, 10, 1000])
-def test_softplus_and_linear_groups_side_by_side(device, chunk_size):
+@CAPTURABLE
+def test_softplus_and_linear_groups_side_by_side(device, chunk_size, capturable):
     """NPO forget samples next to NLL retain samples: linear rows fill the chunks the softplus groups leave."""
     case = make_case(device, num_groups=6)
     case["sigmoid"][1::2] = 0.0
-    check(case, chunk_size)
+    check(case, chunk_size, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_tokens_in_no_group_and_empty_groups(device):
+@CAPTURABLE
+def test_tokens_in_no_group_and_empty_groups(device, capturable):
     """group -1 tokens count for nothing but the KL term; a group with no tokens and one with only unlabelled
     tokens contribute their constant term (S = 0) and no gradient."""
     groups = torch.randint(0, 6, (N,), generator=torch.Generator().manual_seed(3))
@@ -177,28 +190,31 @@ def test_tokens_in_no_group_and_empty_groups(device):
     groups[groups == 2] = 4  # group 2 has no token
     case = make_case(device, groups=groups, num_groups=6, with_kl=True)
     case["labels"][case["group_index"] == 5] = -100  # group 5: tokens, none labelled
-    values, _ = check(case, 6)
+    values, _ = check(case, 6, capturable=capturable)
     assert values[1][2].item() == 0.0 and values[1][5].item() == 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,h,v,chunk_size", [(1, 1, 2, 1), (13, 3, 7, 5), (50, 33, 257, 13)])
-def test_odd_shapes(device, n, h, v, chunk_size):
-    check(make_case(device, n=n, h=h, v=v, num_groups=4, with_kl=True, seed=n), chunk_size)
+@CAPTURABLE
+def test_odd_shapes(device, n, h, v, chunk_size, capturable):
+    check(make_case(device, n=n, h=h, v=v, num_groups=4, with_kl=True, seed=n), chunk_size, capturable=capturable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_labelled_token_and_no_bias(device):
+@CAPTURABLE
+def test_no_labelled_token_and_no_bias(device, capturable):
     case = make_case(device, with_bias=False)
-    check(case, 8)
+    check(case, 8, capturable=capturable)
     case["labels"][:] = -100
-    values, grads = check(case, 8)
+    values, grads = check(case, 8, capturable=capturable)
     assert grads[0].abs().sum().item() == 0.0 and grads[1].abs().sum().item() == 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float64(device):
-    fused = check(make_case(device, torch.float64, with_kl=True), 7)
+@CAPTURABLE
+def test_float64(device, capturable):
+    fused = check(make_case(device, torch.float64, with_kl=True), 7, capturable=capturable)
     assert all(g.dtype == torch.float64 for g in fused[1])
 
 
@@ -283,13 +299,14 @@ def _rel_err(got, want):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["linear", "npo", "mixed_kl", "interleaved_long"])
-def test_low_precision(device, dtype, kind):
+@CAPTURABLE
+def test_low_precision(device, dtype, kind, capturable):
     """Values and gradients vs the fp32 answer, at most twice as far as the eager computation in the same dtype
     (plus eps/8), by relative norm."""
     options = dict(linear=dict(sigmoid=False), npo=dict(linear=False), mixed_kl=dict(with_kl=True),
                    interleaved_long=dict(groups=torch.cat([torch.arange(20) % 2, torch.full((17,), 2)])))[kind]
     case = make_case(device, dtype, **options)
-    fused = run(lambda c: fused_objective(c, 8, nonlinear=kind != "linear"), case)
+    fused = run(lambda c: fused_objective(c, 8, nonlinear=kind != "linear", capturable=capturable), case)
     eager = run(lambda c: eager_objective(c, upcast=False), case)
     exact = run(eager_objective, case)
     assert all(g is None or g.dtype == dtype for g in fused[1])

@@ -299,12 +299,32 @@ def recipe_trainer(ns, env, monkeypatch):
     return check
 
 
+def recipe_capturable(ns, env, monkeypatch):
+    """`Host syncs and CUDA graphs`: a 3-sample batch of 200 rows, ~40% labelled; the snippet's fixed-count loss
+    equals the loss over all rows."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 200, 16, 50
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.6] = -100
+    full = dict(hidden=torch.randn(n, h, generator=g), weight=torch.randn(v, h, generator=g), labels=labels,
+                sample_index=torch.arange(n) * 3 // n, roles=torch.tensor([ue.FORGET, ue.RETAIN, ue.RETAIN]))
+    ns.update(ue=ue, torch=torch, **full)
+
+    def check(ns):
+        want = ue.unlearning_loss(*full.values(), forget="ga", retain="nll")
+        assert ns["kept_labels"].shape == (512,) and (ns["kept_labels"] != -100).sum() == (labels != -100).sum()
+        torch.testing.assert_close(ns["out"].loss, want.loss)
+        torch.testing.assert_close(ns["out"].per_sample, want.per_sample)
+    return check
+
+
 # recipe per python block, chosen by a text that only that block holds
 PY_RECIPES = {
     "ue.causal_lm_hidden(": recipe_fused_loss,
     "ue.saliency(": recipe_masking,
     "ue.load_vlm(": recipe_high_level,
     "class UnlearnTrainer(": recipe_trainer,
+    "capturable=True": recipe_capturable,
 }
 
 

@@ -80,14 +80,19 @@ def assert_matches(fused, ref, dtype):
 OBJECTIVES = list(itertools.product(["ga", "npo"], ["nll", "kl", None]))
 
 
+# capturable=True (no host sync: every row walked, a pre-pass for NPO-like objectives) must give the same answers.
+CAPTURABLE = pytest.mark.parametrize("capturable", [False, True], ids=["packed", "capturable"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("forget,retain", OBJECTIVES)
 @pytest.mark.parametrize("length_normalize", [True, False])
-def test_matches_reference_fp32(device, forget, retain, length_normalize):
+@CAPTURABLE
+def test_matches_reference_fp32(device, forget, retain, length_normalize, capturable):
     case = make_case(device)
     options = dict(forget=forget, retain=retain, length_normalize=length_normalize, beta=0.3,
                    forget_weight=0.7, retain_weight=1.3)
-    fused = run(ue.unlearning_loss, case, grad_scale=2.5, chunk_size=7, **options)
+    fused = run(ue.unlearning_loss, case, grad_scale=2.5, chunk_size=7, capturable=capturable, **options)
     assert_matches(fused, reference(case, grad_scale=2.5, **options), torch.float32)
 
 
@@ -110,10 +115,11 @@ GROUP_OPTIONS = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", GROUP_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_pooling_normalize_simnpo_retain_npo_match_reference(device, options):
+@CAPTURABLE
+def test_pooling_normalize_simnpo_retain_npo_match_reference(device, options, capturable):
     case = make_case(device, roles=(0, 1, 1, 0, 2, 0, 1), n=53)
     options = dict(options, beta=0.7, forget_weight=0.6, retain_weight=1.4)
-    fused = run(ue.unlearning_loss, case, grad_scale=1.5, chunk_size=6, **options)
+    fused = run(ue.unlearning_loss, case, grad_scale=1.5, chunk_size=6, capturable=capturable, **options)
     assert_matches(fused, reference(case, grad_scale=1.5, **options), torch.float32)
 
 
@@ -223,11 +229,12 @@ def assert_low_precision_matches(fused, eager, ref, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl"), ("ga", "kl")])
-def test_matches_reference_low_precision(device, dtype, forget, retain):
+@CAPTURABLE
+def test_matches_reference_low_precision(device, dtype, forget, retain, capturable):
     """Values and gradients vs fp32, judged against the eager computation in the same dtype (fp16 runs on CPU too)."""
     case = make_case(device, dtype)
     options = dict(forget=forget, retain=retain, beta=0.5)
-    fused = run(ue.unlearning_loss, case, chunk_size=8, **options)
+    fused = run(ue.unlearning_loss, case, chunk_size=8, capturable=capturable, **options)
     eager = run(unlearning_loss_reference, case, upcast_inputs=False, **options)
     assert all(g is None or g.dtype == dtype for g in eager[3])  # the eager run really is low precision
     assert_low_precision_matches(fused, eager, reference(case, **options), dtype)

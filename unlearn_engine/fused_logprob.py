@@ -43,7 +43,7 @@ def _forward_grads_fake(hidden, weight, bias, weight_grad=True):
 
 
 @torch.library.register_fake("unlearn_engine::fused_logprob")
-def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
+def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size, capturable=False):
     n = hidden.shape[0]
     kl_len = n if ref_hidden is not None else 0
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(kl_len, dtype=torch.float32)
@@ -51,7 +51,7 @@ def _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, re
 
 @torch.library.register_fake("unlearn_engine::fused_logprob_backward")
 def _fused_logprob_backward_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp,
-                                 grad_kl, chunk_size):
+                                 grad_kl, chunk_size, capturable=False):
     return torch.empty_like(hidden), torch.empty_like(weight), _grad_bias_like(bias, hidden)
 
 
@@ -64,16 +64,18 @@ def _fused_linear_objective_fake(hidden, weight, bias, labels, ref_hidden, ref_w
 
 @torch.library.register_fake("unlearn_engine::fused_group_objective")
 def _fused_group_objective_fake(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
-                                ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad=True):
+                                ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad=True,
+                                capturable=False, nonlinear=True):
     logp, kl = _fused_logprob_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
     return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(linear), logp, kl,
             *_forward_grads_fake(hidden, weight, bias, weight_grad))
 
 
 def _fused_logprob_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size = inputs
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size = inputs[:8]
     ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
     ctx.chunk_size = chunk_size
+    ctx.capturable = bool(inputs[8]) if len(inputs) > 8 else False
     ctx.has_bias = bias is not None
     ctx.has_ref = ref_hidden is not None
 
@@ -83,8 +85,8 @@ def _fused_logprob_backward(ctx, grad_logp, grad_kl):
     grad_kl = grad_kl.float().contiguous() if ctx.has_ref else None
     grad_hidden, grad_weight, grad_bias = ops.fused_logprob_backward(
         hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp.float().contiguous(), grad_kl,
-        ctx.chunk_size)
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
+        ctx.chunk_size, ctx.capturable)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("unlearn_engine::fused_logprob", _fused_logprob_backward,
@@ -97,9 +99,11 @@ class _TokenLogprob(torch.autograd.Function):
     autograd.Function lets the fresh gradient buffers reach .grad without a copy.)"""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
-        logp, kl = ops.fused_logprob(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size)
-        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size, capturable=False):
+        logp, kl = ops.fused_logprob(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size,
+                                     capturable)
+        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size,
+                                   capturable), None)
         return logp, kl
 
     @staticmethod
@@ -114,12 +118,12 @@ class _GroupObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden,
-                ref_weight, ref_bias, coef_kl, chunk_size):
+                ref_weight, ref_bias, coef_kl, chunk_size, capturable, nonlinear):
         # a frozen LM head (LoRA, a trained body) gets no V x H gradient: 4 N H V flop instead of 6
         weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         loss, group_logp, token_logp, token_kl, grad_hidden, grad_weight, grad_bias = ops.fused_group_objective(
             hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta, ref_hidden, ref_weight,
-            ref_bias, coef_kl, chunk_size, weight_grad)
+            ref_bias, coef_kl, chunk_size, weight_grad, capturable, nonlinear)
         if not weight_grad:
             grad_weight = grad_bias = None
         ctx.grads = [grad_hidden, grad_weight, grad_bias]  # on ctx so backward can let go of them
@@ -137,7 +141,7 @@ class _GroupObjective(torch.autograd.Function):
         # in place (no 2nd V x H buffer); fp16 inputs: fp32 gradients scaled first, then rounded once
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss).to(d or g.dtype)
                                                for g, d in zip(grads, ctx.dtypes))
-        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 12
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 14
 
 
 class _Diagnostics(torch.autograd.Function):
@@ -146,8 +150,10 @@ class _Diagnostics(torch.autograd.Function):
     recompute path's (fused_logprob_backward, 8 N H V flop). A loss that uses only `loss` never runs it."""
 
     @staticmethod
-    def forward(ctx, token_logp, token_kl, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size):
-        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size), None)
+    def forward(ctx, token_logp, token_kl, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size,
+                capturable):
+        _fused_logprob_setup(ctx, (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size,
+                                   capturable), None)
         return token_logp.clone(), token_kl.clone()
 
     @staticmethod
@@ -202,7 +208,7 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
                     sigmoid: Tensor, shift: Tensor, denom: Tensor, *, beta: float, nonlinear: bool,
                     bias: Tensor | None = None, coef_kl: Tensor | None = None, ref_hidden: Tensor | None = None,
                     ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
-                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    chunk_size: int, capturable: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The objective of the module docstring, fused (never N x V logits). Arguments are already checked.
 
     group_index (N,) int64: the token's group in [0, G), or -1 for a token in no group (its log-likelihood is
@@ -211,6 +217,11 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
     Returns (loss (), group_logp S (G,), token_logp (N,), token_kl (N,) or (0,)). `loss` is
     differentiable; with nonlinear=True the others are too (a gradient reaching them costs a recompute walk, run only
     then); with nonlinear=False and gradients wanted they are detached diagnostics.
+
+    capturable=True: no device-to-host read (a CUDA graph can hold the call). Every row is walked, labelled or not
+    (pass only the rows you need, padded to a fixed count, to keep that cheap), and a nonlinear objective runs a
+    forward-only pre-pass over every row first: 8 N H V flop instead of 6. The default reads the labelled-row list
+    and, for a nonlinear objective, the group sizes on the host (one sync each).
     """
     num_groups = linear.shape[0]
     in_group = group_index >= 0
@@ -222,19 +233,20 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
                 ref_bias, coef_kl]
         if torch.compiler.is_compiling():
             args = _distinct(args)
-        loss, group_logp, token_logp, token_kl = _GroupObjective.apply(*args[:9], float(beta), *args[9:], chunk_size)
+        loss, group_logp, token_logp, token_kl = _GroupObjective.apply(*args[:9], float(beta), *args[9:], chunk_size,
+                                                                       capturable, nonlinear)
         if not nonlinear:
             # GA / NLL / KL: the outputs other than loss are detached diagnostics.
             return loss, group_logp, token_logp, token_kl
         # NPO-like objectives keep their per-group and per-token outputs differentiable; the recompute behind
         # them runs only if a gradient reaches them.
         token_logp, token_kl = _Diagnostics.apply(token_logp, token_kl, hidden, weight, bias, labels, ref_hidden,
-                                                  ref_weight, ref_bias, chunk_size)
+                                                  ref_weight, ref_bias, chunk_size, capturable)
     else:
         # No gradient wanted: the forward walk alone.
         loss = None
         token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                                                   chunk_size)
+                                                   chunk_size, capturable)
     group_logp = hidden.new_zeros(num_groups, dtype=torch.float32).index_add(
         0, group_of_token, torch.where(in_group, token_logp, 0.0))
     if loss is None:

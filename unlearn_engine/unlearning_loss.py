@@ -113,17 +113,24 @@ def resolve_normalize(length_normalize: bool | None, forget_normalize: str | Non
     return forget_normalize or shared, retain_normalize or shared
 
 
-def _check_index_values(labels, sample_index, roles, vocab_size):
-    """Data-dependent checks, done with one device sync (skipped under torch.compile)."""
+def _check_index_values(labels, sample_index, roles, vocab_size, *, on_device=False):
+    """Data-dependent checks, done with one device sync (skipped under torch.compile); on_device=True makes them
+    device-side asserts instead (no sync: a failure stops the CUDA context, or raises at once on CPU)."""
     num_samples = roles.shape[0]
     bad = torch.stack([
         ((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any(),
         ((sample_index < 0) | (sample_index >= num_samples)).any(),
         ((roles < FORGET) | (roles > IGNORE)).any(),
-    ]).tolist()
-    require(not bad[0], f"labels must be -100 (ignored) or in [0, V={vocab_size})")
-    require(not bad[1], f"sample_index values must be in [0, B={num_samples}) where B = len(roles)")
-    require(not bad[2], f"roles must be FORGET={FORGET}, RETAIN={RETAIN} or IGNORE={IGNORE}")
+    ])
+    messages = [f"labels must be -100 (ignored) or in [0, V={vocab_size})",
+                f"sample_index values must be in [0, B={num_samples}) where B = len(roles)",
+                f"roles must be FORGET={FORGET}, RETAIN={RETAIN} or IGNORE={IGNORE}"]
+    if on_device:
+        for flag, message in zip(bad, messages):
+            torch._assert_async(~flag, message)
+        return
+    for flag, message in zip(bad.tolist(), messages):
+        require(not flag, message)
 
 
 def _report_non_finite(named_tensors):
@@ -148,7 +155,7 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
                     retain_npo_weight: float = 0.0, forget_pooling: str = "sample", retain_pooling: str = "sample",
                     forget_normalize: str | None = None, retain_normalize: str | None = None,
                     bias: Tensor | None = None, length_normalize: bool | None = None, chunk_size: int | None = None,
-                    validate: bool = True) -> UnlearningLossOutput:
+                    validate: bool = True, capturable: bool = False) -> UnlearningLossOutput:
     """Fused unlearning loss over a mixed forget/retain batch (DESIGN.md, op contract 1).
 
     hidden (N, H) are the final hidden states of the N tokens (already shifted so that row t predicts
@@ -169,6 +176,12 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     group's mean (and pool). per_sample is each sample's own term (its own m, also under "batch" pooling), before
     the group weights. validate=False skips the data-dependent checks (label range, finiteness), which each cost a
     device sync.
+
+    capturable=True makes the call free of host syncs, so a CUDA graph can hold it: the checks (unless
+    validate=False) become device-side asserts, and the fused walk covers every row instead of reading the
+    labelled-row list (and, for NPO-like objectives, the group sizes) on the host; see
+    fused_logprob.group_objective for its cost. Pass the labelled rows only, padded to a fixed count with -100, to
+    keep it cheap.
     """
     normalize = resolve_normalize(length_normalize, forget_normalize, retain_normalize)
     _check_unlearning_args(hidden, weight, labels, sample_index, roles, forget, retain, ref_logp, ref_hidden,
@@ -178,7 +191,7 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     checking = validate and not torch.compiler.is_compiling()
     vocab_size = weight.shape[0]
     if checking:
-        _check_index_values(labels, sample_index, roles, vocab_size)
+        _check_index_values(labels, sample_index, roles, vocab_size, on_device=capturable)
     use_kl = retain == "kl"
     retain_npo = retain_npo_weight > 0
     chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab_size, hidden.device,
@@ -208,8 +221,10 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     own_denom = torch.where(roles == RETAIN, counts.clamp(min=1) if retain_mean else ones,
                             counts.clamp(min=1) if forget_mean else ones)
     pooled_counts = torch.stack([(counts * is_forget).sum(), (counts * is_retain).sum()])
-    pooled_denom = torch.where(torch.tensor([forget_mean, retain_mean], device=device),
-                               pooled_counts.clamp(min=1), 1.0)
+    # (no host-made tensor here: its copy to the GPU would sync)
+    one = pooled_counts.new_ones(())
+    pooled_denom = torch.stack([pooled_counts[0].clamp(min=1) if forget_mean else one,
+                                pooled_counts[1].clamp(min=1) if retain_mean else one])
     denom = torch.cat([own_denom, pooled_denom])
     none = zeros.new_zeros(1)
     forget_unit = torch.cat([(is_forget & (not forget_batch)).float(),
@@ -244,7 +259,7 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
     loss, _, token_logp, token_kl = group_objective(
         hidden, weight, labels, group_index, linear, sigmoid, shift, denom, beta=beta,
         nonlinear=forget != "ga" or retain_npo, bias=bias, coef_kl=coef_kl, ref_hidden=kl_hidden,
-        ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk)
+        ref_weight=kl_weight, ref_bias=kl_bias, chunk_size=chunk, capturable=capturable)
 
     # per_sample: each sample's own term (its own m), before the group weights
     logp = zeros.index_add(0, sample_index, token_logp)
@@ -265,7 +280,10 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
         retain_term = retain_term - retain_npo_weight * (2.0 / beta) * F.softplus(beta * (mean_logp - ref))
     per_sample = torch.where(is_forget, forget_term, torch.where(is_retain, retain_term, zeros))
 
-    if checking and not bool(torch.isfinite(loss)):
+    if checking and capturable:
+        torch._assert_async(torch.isfinite(loss), "the unlearning loss is not finite (NaN or Inf in the inputs, or "
+                                                  "beta / the weights / the logits out of scale)")
+    elif checking and not bool(torch.isfinite(loss)):
         _report_non_finite([("hidden", hidden), ("weight", weight), ("bias", bias), ("ref_logp", ref_logp),
                             ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)])
     return UnlearningLossOutput(loss, per_sample, logp)
@@ -273,20 +291,21 @@ def unlearning_loss(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index
 
 def sequence_logprob(hidden: Tensor, weight: Tensor, labels: Tensor, sample_index: Tensor, num_samples: int, *,
                      bias: Tensor | None = None, length_normalize: bool | None = None, normalize: str | None = None,
-                     chunk_size: int | None = None, validate: bool = True) -> Tensor:
+                     chunk_size: int | None = None, validate: bool = True, capturable: bool = False) -> Tensor:
     """Per-sample log-likelihood (B,) through the fused path: the sum of labelled-token log-probabilities
     (normalize="sum", or length_normalize=False) or their mean (normalize="mean", the default; 0 for a sample with
     no labelled token). Differentiable (the recompute path); under torch.no_grad() it is the cheap way to get a
-    reference model's ref_logp in the normalize setting of the group that will use it."""
+    reference model's ref_logp in the normalize setting of the group that will use it. capturable: as in
+    unlearning_loss (no host sync; every row walked)."""
     normalize = resolve_normalize(length_normalize, normalize, None)[0]
     roles = torch.full((num_samples,), IGNORE, dtype=torch.int64, device=hidden.device)
     _check_unlearning_args(hidden, weight, labels, sample_index, roles, "ga", None, None, None, None, None, 0.1,
                            bias, chunk_size, normalize=(normalize, normalize))
     if validate and not torch.compiler.is_compiling():
-        _check_index_values(labels, sample_index, roles, weight.shape[0])
+        _check_index_values(labels, sample_index, roles, weight.shape[0], on_device=capturable)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device,
                                              element_size=hidden.element_size())
-    token_logp, _ = _TokenLogprob.apply(hidden, weight, bias, labels, None, None, None, chunk)
+    token_logp, _ = _TokenLogprob.apply(hidden, weight, bias, labels, None, None, None, chunk, capturable)
     zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     logp = zeros.index_add(0, sample_index, token_logp)
     if normalize == "sum":
@@ -323,7 +342,7 @@ class UnlearningLoss(torch.nn.Module):
                  forget_weight: float = 1.0, retain_weight: float = 1.0, retain_npo_weight: float = 0.0,
                  forget_pooling: str = "sample", retain_pooling: str = "sample", forget_normalize: str | None = None,
                  retain_normalize: str | None = None, length_normalize: bool | None = None,
-                 chunk_size: int | None = None, validate: bool = True) -> None:
+                 chunk_size: int | None = None, validate: bool = True, capturable: bool = False) -> None:
         super().__init__()
         require(forget in FORGET_OBJECTIVES, f"forget must be one of {FORGET_OBJECTIVES}, got {forget!r}")
         require(retain in RETAIN_OBJECTIVES, f"retain must be one of {RETAIN_OBJECTIVES}, got {retain!r}")
@@ -332,7 +351,7 @@ class UnlearningLoss(torch.nn.Module):
                             retain_weight=retain_weight, retain_npo_weight=retain_npo_weight,
                             forget_pooling=forget_pooling, retain_pooling=retain_pooling,
                             forget_normalize=forget_normalize, retain_normalize=retain_normalize,
-                            chunk_size=chunk_size, validate=validate)
+                            chunk_size=chunk_size, validate=validate, capturable=capturable)
         self.last: UnlearningLossOutput | None = None
 
     def forward(self, hidden, weight, labels, sample_index, roles, *, bias=None, ref_logp=None, ref_hidden=None,
@@ -364,7 +383,8 @@ def causal_lm_hidden(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
 
 @torch.no_grad()
 def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, length_normalize: bool | None = None,
-                   normalize: str | None = None, chunk_size: int | None = None, **model_inputs) -> Tensor:
+                   normalize: str | None = None, chunk_size: int | None = None, capturable: bool = False,
+                   **model_inputs) -> Tensor:
     """Per-sample log-likelihood (B,) of `labels` under a frozen reference model, through the fused path.
 
     This is the ref_logp that forget='npo' and retain_npo_weight expect: pass each group's normalize setting
@@ -373,4 +393,5 @@ def reference_logp(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *,
     hidden, shifted, sample_index = causal_lm_hidden(model, input_ids, labels, **model_inputs)
     head = model.get_output_embeddings()
     return sequence_logprob(hidden, head.weight, shifted, sample_index, input_ids.shape[0], bias=head.bias,
-                            length_normalize=length_normalize, normalize=normalize, chunk_size=chunk_size)
+                            length_normalize=length_normalize, normalize=normalize, chunk_size=chunk_size,
+                            capturable=capturable)

@@ -155,13 +155,39 @@ struct ChunkRows {
   int64_t start = 0, count = 0;
   bool slice = false;
   at::Tensor take(const at::Tensor& t) const { return slice ? t.narrow(0, start, count) : t.index_select(0, idx); }
+  void put(at::Tensor& dst, const at::Tensor& src) const {
+    if (slice) {
+      dst.narrow(0, start, count).copy_(src);
+    } else {
+      dst.index_copy_(0, idx, src);
+    }
+  }
 };
+
+// Capturable walks (no device-to-host read, so a CUDA graph can hold them) cover every row in order, in a plan
+// made from the shapes alone. An unlabelled row (-100) gets label 0, coefficients 0 and zero hidden states (a
+// padded position may hold NaN), so it adds nothing; its log-likelihood and KL are reported as 0.
+struct StaticRows {
+  at::Tensor valid;   // (N,) bool: labels != -100
+  at::Tensor labels;  // (N,) with -100 replaced by 0
+  at::Tensor masked(const at::Tensor& t) const { return at::where(valid, t, at::zeros({}, t.options())); }
+  at::Tensor hidden_rows(const ChunkRows& rows, const at::Tensor& hidden) const {
+    return at::where(rows.take(valid).unsqueeze(1), rows.take(hidden), at::zeros({}, hidden.options()));
+  }
+};
+
+StaticRows static_rows(const at::Tensor& labels) {
+  StaticRows s;
+  s.valid = labels.ne(-100);
+  s.labels = at::where(s.valid, labels, at::zeros({}, labels.options()));
+  return s;
+}
 
 // Turns the chunk's logit gradient dz (written over the logits by the row pass) into dL/dh rows and accumulates
 // dL/dW and dL/db (fp32, fp64 for fp64 inputs).
 void accumulate_gradients(const Inputs& in, Outputs& out, const at::Tensor& dz, const at::Tensor& h,
                           const ChunkRows& rows, bool& cuda_accumulate) {
-  out.grad_hidden.index_copy_(0, rows.idx, at::mm(dz, in.weight).to(out.grad_hidden.scalar_type()));
+  rows.put(out.grad_hidden, at::mm(dz, in.weight).to(out.grad_hidden.scalar_type()));
   if (!in.weight_grad) return;
   if (cuda_accumulate) {
     try {
@@ -190,11 +216,15 @@ void finish_gradients(const Inputs& in, Outputs& out, const at::Tensor& grad_sca
 }
 
 // A chunk's logits (and reference logits), labels and output buffers, ready for the row pass.
-RowPass chunk_pass(const Inputs& in, const at::Tensor& labels, const ChunkRows& rows, const at::Tensor& h) {
+// With `fixed` (a capturable walk) the reference rows of unlabelled tokens are zeroed like the model's.
+RowPass chunk_pass(const Inputs& in, const at::Tensor& labels, const ChunkRows& rows, const at::Tensor& h,
+                   const StaticRows* fixed = nullptr) {
   RowPass pass;
   pass.logits = chunk_logits(h, in.weight, in.bias).contiguous();
-  if (in.with_ref)
-    pass.ref_logits = chunk_logits(rows.take(*in.ref_hidden), *in.ref_weight, in.ref_bias).contiguous();
+  if (in.with_ref) {
+    const at::Tensor ref_h = fixed ? fixed->hidden_rows(rows, *in.ref_hidden) : rows.take(*in.ref_hidden);
+    pass.ref_logits = chunk_logits(ref_h, *in.ref_weight, in.ref_bias).contiguous();
+  }
   pass.labels = rows.take(labels).contiguous();
   pass.logp = at::empty({rows.count}, in.f32);
   if (in.with_ref) pass.kl = at::empty({rows.count}, in.f32);
@@ -207,7 +237,7 @@ bool cuda_accumulates(const Inputs& in) { return in.hidden.is_cuda() && in.low_p
 Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
             const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
             const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
-            int64_t chunk_size, bool made_in_forward = false) {
+            int64_t chunk_size, bool capturable, bool made_in_forward = false) {
   Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
                       chunk_size);
   in.fp32_grads = made_in_forward && in.dtype == at::kHalf;
@@ -226,9 +256,20 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
     }
   }
 
-  // Only labelled tokens are computed: prompts and padding (label -100) cost nothing.
-  const at::Tensor rows = labels.ne(-100).nonzero().squeeze(1);
-  const int64_t n_rows = rows.size(0);
+  // Only labelled tokens are computed (prompts and padding, label -100, cost nothing), unless capturable: then
+  // every row is walked and the unlabelled ones are neutralised (StaticRows).
+  std::optional<StaticRows> fixed;
+  at::Tensor rows, walk_labels = labels;
+  int64_t n_rows = in.N;
+  if (capturable) {
+    fixed = static_rows(labels);
+    walk_labels = fixed->labels;
+    if (coef_a) coef_a = fixed->masked(*coef_a);
+    if (coef_k) coef_k = fixed->masked(*coef_k);
+  } else {
+    rows = labels.ne(-100).nonzero().squeeze(1);
+    n_rows = rows.size(0);
+  }
   const bool all_rows = n_rows == in.N;
   bool cuda_accumulate = cuda_accumulates(in);
 
@@ -236,20 +277,24 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
     ChunkRows chunk;
     chunk.count = std::min(chunk_size, n_rows - start);
     chunk.start = start;
-    chunk.idx = rows.narrow(0, start, chunk.count);
     chunk.slice = all_rows;
+    if (!all_rows) chunk.idx = rows.narrow(0, start, chunk.count);
 
-    const at::Tensor h = chunk.take(in.hidden);
-    RowPass pass = chunk_pass(in, labels, chunk, h);
+    const at::Tensor h = fixed ? fixed->hidden_rows(chunk, in.hidden) : chunk.take(in.hidden);
+    RowPass pass = chunk_pass(in, walk_labels, chunk, h, fixed ? &*fixed : nullptr);
     if (want_grad) pass.coef_logp = chunk.take(*coef_a).contiguous();
     if (coef_k) pass.coef_kl = chunk.take(*coef_k).contiguous();
     row_pass(pass);
 
-    out.logp.index_copy_(0, chunk.idx, pass.logp);
-    if (in.with_ref) out.kl.index_copy_(0, chunk.idx, pass.kl);
+    chunk.put(out.logp, pass.logp);
+    if (in.with_ref) chunk.put(out.kl, pass.kl);
     if (want_grad) accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
   }
   if (want_grad) finish_gradients(in, out, grad_scale);
+  if (fixed) {
+    out.logp = fixed->masked(out.logp);
+    if (in.with_ref) out.kl = fixed->masked(out.kl);
+  }
   return out;
 }
 
@@ -281,37 +326,22 @@ at::Tensor with_no_group_slot(const at::Tensor& per_group) {
   return at::cat({per_group, at::zeros({1}, per_group.options())});
 }
 
-GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
-                        const at::Tensor& labels, const at::Tensor& group_index, const at::Tensor& linear,
-                        const at::Tensor& sigmoid, const at::Tensor& shift, const at::Tensor& denom, double beta,
-                        const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in, const OptTensor& ref_bias_in,
-                        const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad) {
-  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
-                      chunk_size);
-  in.fp32_grads = in.dtype == at::kHalf;  // gradients made in the forward walk
-  in.weight_grad = weight_grad;
+// One call's group vectors (checked) and each token's slot: its group, or G for "no group" (-1), so that
+// per-group sums need no masking.
+struct Groups {
+  at::Tensor index, slot, linear, sigmoid, shift, denom;
+  int64_t G = 0;
+  double beta = 1;
+};
+
+// The one-walk plan of the module comment: reads the labelled rows per group on the host (one sync).
+void walk_groups_packed(const Inputs& in, Outputs& out, const at::Tensor& labels, const Groups& gr,
+                        const OptTensor& coef_kl, int64_t chunk_size) {
   const auto device = in.hidden.device();
-  check_token_vector(group_index, in.N, at::kLong, device, "group_index");
-  TORCH_CHECK(linear.dim() == 1, "linear must be 1-D (G,), got shape ", linear.sizes());
-  const int64_t G = linear.size(0);
-  auto check_group_vector = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == G, name, " must have shape (G=", G, ",) like linear, got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  };
-  check_group_vector(linear, "linear");
-  check_group_vector(sigmoid, "sigmoid");
-  check_group_vector(shift, "shift");
-  check_group_vector(denom, "denom");
-  TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be finite and > 0, got ", beta);
-  const c10::DeviceGuard guard(device);
-
-  Outputs out = make_outputs(in, /*want_grad=*/true);
-  GroupOutputs result;
-
-  // Each token's group, with slot G for "no group" (-1), so that per-group sums need no masking.
-  const at::Tensor in_range = group_index.ge(0).logical_and(group_index.lt(G));
-  const at::Tensor slot = at::where(in_range, group_index, at::full({}, G, group_index.options()));
+  const int64_t G = gr.G;
+  const at::Tensor &group_index = gr.index, &slot = gr.slot, &linear = gr.linear, &sigmoid = gr.sigmoid,
+                   &shift = gr.shift, &denom = gr.denom;
+  const double beta = gr.beta;
   const at::Tensor rows = labels.ne(-100).nonzero().squeeze(1);  // only labelled tokens are computed
   const int64_t n_rows = rows.size(0);
   const bool all_rows = n_rows == in.N;
@@ -446,6 +476,107 @@ GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in
     accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
   }
   finish_gradients(in, out, grad_scale);
+}
+
+// The capturable plan: no host read. Every row is walked in order; a nonlinear objective gets a forward-only
+// pre-pass over every row first (its S_g, hence every coefficient: 8 N H V flop instead of 6); a linear one is
+// walked once. `nonlinear` = false promises sigmoid is all zero (checked on the device).
+void walk_groups_static(const Inputs& in, Outputs& out, const at::Tensor& labels, const Groups& gr,
+                        const OptTensor& coef_kl, int64_t chunk_size, bool nonlinear) {
+  const int64_t G = gr.G;
+  const StaticRows fixed = static_rows(labels);
+  at::_assert_async(gr.index.ge(-1).logical_and(gr.index.lt(G)).all(),
+                    "group_index values must be -1 (no group) or in [0, G)");
+  if (!nonlinear) at::_assert_async(gr.sigmoid.eq(0).all(), "nonlinear=False needs sigmoid all zero");
+  // unlabelled rows count in no group: their coefficient is 0
+  const at::Tensor token_slot = at::where(fixed.valid, gr.slot, at::full({}, G, gr.slot.options()));
+  const int64_t n_chunks = (in.N + chunk_size - 1) / chunk_size;
+  auto chunk_at = [&](int64_t i) {
+    ChunkRows chunk;
+    chunk.start = i * chunk_size;
+    chunk.count = std::min(chunk_size, in.N - chunk.start);
+    chunk.slice = true;
+    return chunk;
+  };
+
+  at::Tensor group_coef = gr.linear / gr.denom;
+  if (nonlinear) {
+    for (int64_t i = 0; i < n_chunks; ++i) {
+      const ChunkRows chunk = chunk_at(i);
+      RowPass pass;
+      pass.logits = chunk_logits(fixed.hidden_rows(chunk, in.hidden), in.weight, in.bias).contiguous();
+      pass.labels = chunk.take(fixed.labels).contiguous();
+      pass.logp = at::empty({chunk.count}, in.f32);
+      row_pass(pass);
+      chunk.put(out.logp, pass.logp);
+    }
+    const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, token_slot, fixed.masked(out.logp));
+    group_coef = group_coefficients(S.narrow(0, 0, G), gr.linear, gr.sigmoid, gr.shift, gr.denom, gr.beta);
+  }
+  at::Tensor token_coef = with_no_group_slot(group_coef).index_select(0, token_slot);
+  OptTensor coef_k = coef_kl ? OptTensor(fixed.masked(*coef_kl)) : std::nullopt;
+
+  const at::Tensor coef_bound = with_no_group_slot((gr.linear.abs() + 2 * gr.sigmoid.abs()) / gr.denom.abs());
+  const at::Tensor grad_scale = gradient_scale(in, coef_bound.index_select(0, token_slot), coef_k);
+  if (grad_scale.defined()) {
+    token_coef = token_coef / grad_scale;
+    if (coef_k) coef_k = *coef_k / grad_scale;
+  }
+  bool cuda_accumulate = cuda_accumulates(in);
+  for (int64_t i = 0; i < n_chunks; ++i) {
+    const ChunkRows chunk = chunk_at(i);
+    const at::Tensor h = fixed.hidden_rows(chunk, in.hidden);
+    RowPass pass = chunk_pass(in, fixed.labels, chunk, h, &fixed);
+    pass.coef_logp = chunk.take(token_coef).contiguous();
+    if (coef_k) pass.coef_kl = chunk.take(*coef_k).contiguous();
+    row_pass(pass);
+    chunk.put(out.logp, pass.logp);
+    if (in.with_ref) chunk.put(out.kl, pass.kl);
+    accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
+  }
+  finish_gradients(in, out, grad_scale);
+  out.logp = fixed.masked(out.logp);
+  if (in.with_ref) out.kl = fixed.masked(out.kl);
+}
+
+GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
+                        const at::Tensor& labels, const at::Tensor& group_index, const at::Tensor& linear,
+                        const at::Tensor& sigmoid, const at::Tensor& shift, const at::Tensor& denom, double beta,
+                        const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in, const OptTensor& ref_bias_in,
+                        const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad, bool capturable,
+                        bool nonlinear) {
+  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
+                      chunk_size);
+  in.fp32_grads = in.dtype == at::kHalf;  // gradients made in the forward walk
+  in.weight_grad = weight_grad;
+  const auto device = in.hidden.device();
+  check_token_vector(group_index, in.N, at::kLong, device, "group_index");
+  TORCH_CHECK(linear.dim() == 1, "linear must be 1-D (G,), got shape ", linear.sizes());
+  const int64_t G = linear.size(0);
+  auto check_group_vector = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == G, name, " must have shape (G=", G, ",) like linear, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  };
+  check_group_vector(linear, "linear");
+  check_group_vector(sigmoid, "sigmoid");
+  check_group_vector(shift, "shift");
+  check_group_vector(denom, "denom");
+  TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be finite and > 0, got ", beta);
+  const c10::DeviceGuard guard(device);
+
+  Outputs out = make_outputs(in, /*want_grad=*/true);
+  GroupOutputs result;
+
+  Groups gr{group_index, at::Tensor(), linear, sigmoid, shift, denom, G, beta};
+  const at::Tensor in_range = group_index.ge(0).logical_and(group_index.lt(G));
+  gr.slot = at::where(in_range, group_index, at::full({}, G, group_index.options()));
+  const at::Tensor& slot = gr.slot;
+  if (capturable) {
+    walk_groups_static(in, out, labels, gr, coef_kl, chunk_size, nonlinear);
+  } else {
+    walk_groups_packed(in, out, labels, gr, coef_kl, chunk_size);
+  }
 
   // The loss from the complete sums.
   const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, slot, out.logp).narrow(0, 0, G).contiguous();
@@ -461,17 +592,18 @@ GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in
 std::tuple<at::Tensor, at::Tensor> fused_logprob(const at::Tensor& hidden, const at::Tensor& weight,
                                                  const OptTensor& bias, const at::Tensor& labels,
                                                  const OptTensor& ref_hidden, const OptTensor& ref_weight,
-                                                 const OptTensor& ref_bias, int64_t chunk_size) {
+                                                 const OptTensor& ref_bias, int64_t chunk_size, bool capturable) {
   Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, std::nullopt, std::nullopt,
-                  chunk_size);
+                  chunk_size, capturable);
   return {o.logp, o.kl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_logprob_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& labels,
     const OptTensor& ref_hidden, const OptTensor& ref_weight, const OptTensor& ref_bias,
-    const at::Tensor& grad_logp, const OptTensor& grad_kl, int64_t chunk_size) {
-  Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp, grad_kl, chunk_size);
+    const at::Tensor& grad_logp, const OptTensor& grad_kl, int64_t chunk_size, bool capturable) {
+  Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, grad_logp, grad_kl, chunk_size,
+                  capturable);
   return {o.grad_hidden, o.grad_weight, o.grad_bias};
 }
 
@@ -480,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const OptTensor& ref_hidden, const OptTensor& ref_weight, const OptTensor& ref_bias,
     const at::Tensor& coef_logp, const OptTensor& coef_kl, int64_t chunk_size) {
   Outputs o = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef_logp, coef_kl, chunk_size,
-                  /*made_in_forward=*/true);
+                  /*capturable=*/false, /*made_in_forward=*/true);
   at::Tensor loss = (o.logp * coef_logp).sum();
   if (coef_kl) loss = loss + (o.kl * *coef_kl).sum();
   return {loss, o.logp, o.kl, o.grad_hidden, o.grad_weight, o.grad_bias};
@@ -492,9 +624,11 @@ SevenTensors fused_group_objective(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& labels,
     const at::Tensor& group_index, const at::Tensor& linear, const at::Tensor& sigmoid, const at::Tensor& shift,
     const at::Tensor& denom, double beta, const OptTensor& ref_hidden, const OptTensor& ref_weight,
-    const OptTensor& ref_bias, const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad) {
+    const OptTensor& ref_bias, const OptTensor& coef_kl, int64_t chunk_size, bool weight_grad, bool capturable,
+    bool nonlinear) {
   GroupOutputs o = run_groups(hidden, weight, bias, labels, group_index, linear, sigmoid, shift, denom, beta,
-                              ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad);
+                              ref_hidden, ref_weight, ref_bias, coef_kl, chunk_size, weight_grad, capturable,
+                              nonlinear);
   return {o.loss, o.group_logp, o.tokens.logp, o.tokens.kl, o.tokens.grad_hidden, o.tokens.grad_weight,
           o.tokens.grad_bias};
 }
