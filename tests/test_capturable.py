@@ -181,16 +181,20 @@ def _op_args(batch, group_index, sigmoid):
 
 
 @pytest.mark.parametrize("bad", ["group_index", "nonlinear"])
-def test_op_device_side_checks(bad):
-    """The op's capturable walk cannot read group sizes or sigmoid on the host: it asserts on the device that
-    group_index is in [-1, G) and that nonlinear=False really has sigmoid all zero."""
+@pytest.mark.parametrize("capturable", [True, False])
+def test_op_device_side_checks(bad, capturable):
+    """A walk that reads no group data on the host (capturable, or a linear objective's default walk) asserts on
+    the device that group_index is in [-1, G) and that nonlinear=False really has sigmoid all zero."""
     batch = make_batch()
     group_index = batch["sample_index"].clone()
     sigmoid = torch.zeros(4)
     args = list(_op_args(batch, group_index, sigmoid))
+    args[-2] = capturable
+    if bad == "group_index":
+        args[-1] = False  # a linear objective: the default walk too reads nothing but the labelled rows
     if bad == "group_index":
         group_index[3] = 4
-        match = r"group_index values must be -1 \(no group\) or in \[0, G\)"
+        match = r"group_index values must be -1 \(no group\) or in \[0, G=4\)"
     else:
         sigmoid[2] = 1.0
         args[-1] = False
@@ -327,3 +331,29 @@ def test_op_capturable_equals_packed_for_any_coefficients(device, nonlinear):
     names = ("loss", "group_logp", "logp", "kl", "grad hidden", "grad weight", "grad bias")
     for name, a, b in zip(names, captured, packed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_no_groups(capturable, grad):
+    """G = 0 (only the KL term, or nothing): S is empty and the loss is the KL sum."""
+    batch = make_batch()
+    hidden = batch["hidden"].clone().requires_grad_(grad)
+    coef_kl = torch.rand(N) * (batch["labels"] != -100)
+    empty = torch.zeros(0)
+    loss, S, token_logp, token_kl = group_objective(
+        hidden, batch["weight"], batch["labels"], torch.full((N,), -1), empty, empty, empty, empty, beta=0.5,
+        nonlinear=False, coef_kl=coef_kl, ref_hidden=batch["ref_hidden"], ref_weight=batch["ref_weight"],
+        chunk_size=8, capturable=capturable)
+    assert S.shape == (0,)
+    torch.testing.assert_close(loss, (coef_kl * token_kl).sum())
+
+
+def test_opcheck_frozen_head_float64():
+    """A frozen head's empty weight / bias gradients are fp32 whatever the dtype, in the op as in its fake."""
+    batch = make_batch(dtype=torch.float64)
+    args = list(_op_args(batch, batch["sample_index"], torch.tensor([0.0, 1.0, 0.0, 1.0])))
+    args[-3] = False  # weight_grad
+    for capturable in (False, True):
+        args[-2] = capturable
+        torch.library.opcheck(ue.ops.fused_group_objective, tuple(args))

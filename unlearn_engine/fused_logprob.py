@@ -213,7 +213,8 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
 
     group_index (N,) int64: the token's group in [0, G), or -1 for a token in no group (its log-likelihood is
     still returned). linear, sigmoid, shift, denom: (G,) fp32. nonlinear: whether any sigmoid_g may be nonzero
-    (known to the caller without a device sync). coef_kl (N,) fp32 with ref_hidden / ref_weight.
+    (known to the caller without a device sync; False is a promise, checked by a device-side assert). coef_kl (N,)
+    fp32 with ref_hidden / ref_weight.
     Returns (loss (), group_logp S (G,), token_logp (N,), token_kl (N,) or (0,)). `loss` is
     differentiable; with nonlinear=True the others are too (a gradient reaching them costs a recompute walk, run only
     then); with nonlinear=False and gradients wanted they are detached diagnostics.
@@ -221,11 +222,12 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
     capturable=True: no device-to-host read (a CUDA graph can hold the call). Every row is walked, labelled or not
     (pass only the rows you need, padded to a fixed count, to keep that cheap), and a nonlinear objective runs a
     forward-only pre-pass over every row first: 8 N H V flop instead of 6. The default reads the labelled-row list
-    and, for a nonlinear objective, the group sizes on the host (one sync each).
+    on the host and, for a nonlinear objective, the group sizes (one sync each).
     """
     num_groups = linear.shape[0]
-    in_group = group_index >= 0
-    group_of_token = group_index.clamp(min=0)
+    # slot num_groups collects the tokens of no group (and of out-of-range groups, which the op reports)
+    in_group = (group_index >= 0) & (group_index < num_groups)
+    group_slot = torch.where(in_group, group_index, num_groups)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if wants_grad:
         # Gradients of the whole objective in the forward walk (6 N H V flop, nothing recomputed).
@@ -247,8 +249,7 @@ def group_objective(hidden: Tensor, weight: Tensor, labels: Tensor, group_index:
         loss = None
         token_logp, token_kl = _TokenLogprob.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
                                                    chunk_size, capturable)
-    group_logp = hidden.new_zeros(num_groups, dtype=torch.float32).index_add(
-        0, group_of_token, torch.where(in_group, token_logp, 0.0))
+    group_logp = hidden.new_zeros(num_groups + 1, dtype=torch.float32).index_add(0, group_slot, token_logp)[:-1]
     if loss is None:
         mean = group_logp / denom
         loss = (linear * mean + sigmoid * (2.0 / beta) * F.softplus(beta * (mean + shift))).sum()

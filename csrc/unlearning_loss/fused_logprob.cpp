@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -132,7 +133,7 @@ Outputs make_outputs(const Inputs& in, bool want_grad) {
   if (want_grad) {
     const auto acc = in.hidden.options().dtype(in.acc_type);
     out.grad_hidden = in.fp32_grads ? at::zeros(in.hidden.sizes(), in.f32) : at::zeros_like(in.hidden);
-    out.grad_weight = in.weight_grad ? at::zeros({in.V, in.hidden.size(1)}, acc) : at::empty({0}, acc);
+    out.grad_weight = in.weight_grad ? at::zeros({in.V, in.hidden.size(1)}, acc) : at::empty({0}, in.f32);
     out.grad_bias = in.bias && in.weight_grad ? at::zeros({in.V}, acc) : at::empty({0}, in.f32);
   }
   return out;
@@ -334,9 +335,18 @@ struct Groups {
   double beta = 1;
 };
 
-// The one-walk plan of the module comment: reads the labelled rows per group on the host (one sync).
+// What a walk that reads no group data on the host cannot check there, asserted on the device: group_index in
+// [-1, G), and sigmoid all zero when the caller says the objective is linear (nonlinear = false).
+void assert_groups_on_device(const Groups& gr, bool nonlinear) {
+  const std::string range = "group_index values must be -1 (no group) or in [0, G=" + std::to_string(gr.G) + ")";
+  at::_assert_async(gr.index.ge(-1).logical_and(gr.index.lt(gr.G)).all(), range);
+  if (!nonlinear) at::_assert_async(gr.sigmoid.eq(0).all(), "nonlinear=False needs sigmoid all zero");
+}
+
+// The one-walk plan of the module comment. A nonlinear objective reads the labelled rows per group on the host
+// (one sync, beside the labelled-row list's); a linear one walks the labelled rows in order and reads nothing more.
 void walk_groups_packed(const Inputs& in, Outputs& out, const at::Tensor& labels, const Groups& gr,
-                        const OptTensor& coef_kl, int64_t chunk_size) {
+                        const OptTensor& coef_kl, int64_t chunk_size, bool nonlinear) {
   const auto device = in.hidden.device();
   const int64_t G = gr.G;
   const at::Tensor &group_index = gr.index, &slot = gr.slot, &linear = gr.linear, &sigmoid = gr.sigmoid,
@@ -347,11 +357,18 @@ void walk_groups_packed(const Inputs& in, Outputs& out, const at::Tensor& labels
   const bool all_rows = n_rows == in.N;
   const at::Tensor row_slot = all_rows ? slot : slot.index_select(0, rows);
 
-  // One transfer to the host: labelled rows per group, which groups are nonlinear, and the bad group indices.
-  const at::Tensor counts = at::zeros({G + 1}, group_index.options()).index_add_(0, row_slot,
-                                                                              at::ones_like(row_slot));
-  const at::Tensor bad = group_index.ge(-1).logical_and(group_index.lt(G)).logical_not().sum().view({1});
-  const at::Tensor host = at::cat({counts.narrow(0, 0, G), sigmoid.ne(0).to(at::kLong), bad}).cpu();
+  // One transfer to the host: labelled rows per group, which groups are nonlinear, and the bad group indices
+  // (linear objective: none; every row then walks in order).
+  at::Tensor host;
+  if (nonlinear) {
+    const at::Tensor counts = at::zeros({G + 1}, group_index.options()).index_add_(0, row_slot,
+                                                                                at::ones_like(row_slot));
+    const at::Tensor bad = group_index.ge(-1).logical_and(group_index.lt(G)).logical_not().sum().view({1});
+    host = at::cat({counts.narrow(0, 0, G), sigmoid.ne(0).to(at::kLong), bad}).cpu();
+  } else {
+    assert_groups_on_device(gr, nonlinear);
+    host = at::zeros({2 * G + 1}, at::TensorOptions().dtype(at::kLong));
+  }
   const int64_t* host_counts = host.data_ptr<int64_t>();
   const int64_t* host_nonlinear = host_counts + G;
   TORCH_CHECK(host_counts[2 * G] == 0, "group_index values must be -1 (no group) or in [0, G=", G, "), got ",
@@ -485,9 +502,7 @@ void walk_groups_static(const Inputs& in, Outputs& out, const at::Tensor& labels
                         const OptTensor& coef_kl, int64_t chunk_size, bool nonlinear) {
   const int64_t G = gr.G;
   const StaticRows fixed = static_rows(labels);
-  at::_assert_async(gr.index.ge(-1).logical_and(gr.index.lt(G)).all(),
-                    "group_index values must be -1 (no group) or in [0, G)");
-  if (!nonlinear) at::_assert_async(gr.sigmoid.eq(0).all(), "nonlinear=False needs sigmoid all zero");
+  assert_groups_on_device(gr, nonlinear);
   // unlabelled rows count in no group: their coefficient is 0
   const at::Tensor token_slot = at::where(fixed.valid, gr.slot, at::full({}, G, gr.slot.options()));
   const int64_t n_chunks = (in.N + chunk_size - 1) / chunk_size;
@@ -575,7 +590,7 @@ GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in
   if (capturable) {
     walk_groups_static(in, out, labels, gr, coef_kl, chunk_size, nonlinear);
   } else {
-    walk_groups_packed(in, out, labels, gr, coef_kl, chunk_size);
+    walk_groups_packed(in, out, labels, gr, coef_kl, chunk_size, nonlinear);
   }
 
   // The loss from the complete sums.
