@@ -12,6 +12,19 @@ from conftest import DEVICES, assert_masked_steps_match_torch
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+# The top-k schemes (csrc/weight_masking/topk_mask.h): the CPU's two-pass, the GPU's two-pass driver on plain CPU
+# kernels, and the radix passes (the heavy-ties path of both). On a GPU only "gpu" runs (the others are CPU choices).
+@pytest.fixture(params=["two-pass", "gpu", "radix"])
+def scheme(request, monkeypatch):
+    monkeypatch.setenv("UE_TOPK_CPU_SCHEME", request.param)
+    return request.param
+
+
+def cpu_choice(device, scheme):
+    if device == "cuda" and scheme != "gpu":
+        pytest.skip("UE_TOPK_CPU_SCHEME chooses among CPU schemes; CUDA always runs the GPU's")
+
+
 def assert_valid_selection(tensors, mask, fraction, scope):
     dense = [mask.dense(i) for i in range(len(tensors))]
     groups = [list(range(len(tensors)))] if scope == "global" else [[i] for i in range(len(tensors))]
@@ -30,7 +43,8 @@ def assert_valid_selection(tensors, mask, fraction, scope):
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 @pytest.mark.parametrize("sizes", [[(1,)], [(7,)], [(1000003,)], [(3, 5), (1,), (17, 33), (2, 3, 4), (70001,)]])
 @pytest.mark.parametrize("fraction", [0.05, 0.5, 1.0])
-def test_topk_matches_sorting_reference(device, dtype, scope, sizes, fraction):
+def test_topk_matches_sorting_reference(device, dtype, scope, sizes, fraction, scheme):
+    cpu_choice(device, scheme)
     tensors = [torch.randn(*s).to(device, dtype) for s in sizes]
     mask = ue.topk_mask(tensors, fraction, scope=scope)
     expected = topk_mask_reference(tensors, fraction, scope)
@@ -43,7 +57,8 @@ def test_topk_matches_sorting_reference(device, dtype, scope, sizes, fraction):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["all_equal", "half_zeros", "few_levels", "signed_ties"])
-def test_topk_heavy_ties_are_deterministic(device, dtype, kind):
+def test_topk_heavy_ties_are_deterministic(device, dtype, kind, scheme):
+    cpu_choice(device, scheme)
     g = torch.Generator().manual_seed(3)
     sizes = [(1000,), (333,), (70000,)]
     if kind == "all_equal":
@@ -208,10 +223,11 @@ def test_saliency_accumulates_forget_gradients():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
-def test_topk_heavy_ties_beyond_the_fast_path_budget(device, dtype, scope):
+def test_topk_heavy_ties_beyond_the_fast_path_budget(device, dtype, scope, scheme):
     """Over 1M elements sharing the threshold digit: the CPU takes the general radix path (the GPU's path), which
     skips the digits a 16-bit key leaves zero; at fraction 0.9 the threshold lies among the random values, so
     every kept digit must be right."""
+    cpu_choice(device, scheme)
     g = torch.Generator().manual_seed(5)
     tensors = [torch.full((1_500_000,), 0.5), torch.randn(600_000, generator=g), torch.full((7,), 0.5)]
     tensors = [t.to(device, dtype) for t in tensors]
@@ -310,9 +326,10 @@ def _rel_err(got, want):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_topk_empty_tensors_and_zero_k_segments(device):
+def test_topk_empty_tensors_and_zero_k_segments(device, scheme):
     """Empty tensors in the list and segments with k = 0 (per-tensor scope of an empty tensor, or k = 0 asked of
     the raw op): no bit set there, the others exact."""
+    cpu_choice(device, scheme)
     tensors = [torch.randn(0, device=device), torch.randn(37, device=device), torch.randn(3, 0, device=device),
                torch.randn(70_000, device=device)]
     for scope in ("global", "per_tensor"):
@@ -331,9 +348,10 @@ def test_topk_empty_tensors_and_zero_k_segments(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_nan_is_refused_on_every_device(device, dtype):
+def test_topk_nan_is_refused_on_every_device(device, dtype, scheme):
     """A NaN anywhere (here in the second tensor, past one work item) is reported by the histogram pass, on the
     CUDA radix path as on the CPU's."""
+    cpu_choice(device, scheme)
     tensors = [torch.randn(100, device=device).to(dtype), torch.randn(70_000, device=device).to(dtype)]
     tensors[1][69_999] = float("nan")
     with pytest.raises(ValueError, match="1 NaN value"):

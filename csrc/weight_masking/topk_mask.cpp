@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "topk_mask.h"
 
@@ -10,6 +12,74 @@ namespace unlearn_engine {
 namespace {
 
 constexpr int64_t kSelectNone = int64_t{1} << 40;  // a threshold above every key
+
+// Which scheme runs on CPU: "two-pass" (default, topk_mask_cpu_two_pass), "gpu" (the GPU's two-pass driver with
+// plain CPU kernels, so tests check it without a GPU) or "radix" (the general radix passes). $UE_TOPK_CPU_SCHEME.
+std::string cpu_scheme() {
+  const char* value = std::getenv("UE_TOPK_CPU_SCHEME");
+  const std::string scheme = value && *value ? value : "two-pass";
+  TORCH_CHECK(scheme == "two-pass" || scheme == "gpu" || scheme == "radix",
+              "UE_TOPK_CPU_SCHEME must be two-pass, gpu or radix, got ", scheme);
+  return scheme;
+}
+
+// The GPU's two-pass scheme (topk_mask.h). Returns false, bits untouched, when the threshold digit holds too many
+// elements (heavy ties: the candidate list would cost more than it saves); the caller then runs the radix passes.
+bool two_pass(const TwoPassBackend& backend, const std::vector<at::Tensor>& tensors, const WorkItems& items,
+              const at::Tensor& segments, const std::vector<int64_t>& k, std::vector<at::Tensor>& bits) {
+  const int64_t S = static_cast<int64_t>(k.size());
+  const auto device = tensors[0].device();
+  const auto longs = tensors[0].options().dtype(at::kLong);
+  auto hist = at::zeros({S * kHighBins + 1}, longs);
+  backend.high_histogram(tensors, items, segments, hist);
+  const auto h = hist.cpu();
+  const int64_t* counts = h.data_ptr<int64_t>();
+  TORCH_CHECK(counts[S * kHighBins] == 0, "tensors contain ", counts[S * kHighBins],
+              " NaN value(s); a top-k by magnitude is undefined for NaN (check the gradients)");
+  // Per segment: the digit holding the k-th largest key, how many to take from it, and its list region.
+  std::vector<int64_t> digit(S, kHighBins), need(S, 0), offset(S, 0), size(S, 0);
+  int64_t candidates = 0, total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    offset[s] = candidates;
+    int64_t above = 0;
+    for (int64_t d = kHighBins - 1; d >= 0; --d) {
+      const int64_t c = counts[s * kHighBins + d];
+      total += c;
+      if (k[s] > 0 && digit[s] == kHighBins && above + c >= k[s]) {
+        digit[s] = d;
+        need[s] = k[s] - above;
+        size[s] = c;
+        candidates += c;
+      }
+      above += c;
+    }
+  }
+  // The list costs ~32 bytes a candidate at its peak (sorts included): past 1/64 of the elements (0.5 bytes an
+  // element) the radix passes are cheaper in memory.
+  if (candidates > std::max<int64_t>(int64_t{1} << 20, total / 64)) return false;
+
+  at::Tensor cand_key = at::empty({candidates}, longs), cand_pos = at::empty({candidates}, longs);
+  auto fill = at::zeros({S}, longs);
+  const at::Tensor offsets = device_vector(offset, device);
+  backend.write_collect(tensors, items, segments, device_vector(digit, device), offsets, fill, cand_key, cand_pos,
+                        bits);
+  if (candidates == 0) return true;
+  // Each segment's candidates by key, descending, ties by position: the list sorted by position, then stably by
+  // (segment, key descending); its first need[s] per segment are taken.
+  auto [pos, by_pos] = at::sort(cand_pos, std::optional<bool>(false), 0, false);  // positions are distinct
+  cand_pos.reset();
+  const at::Tensor segment = segments.index_select(0, pos.div(int64_t{1} << 16, "floor"));
+  const at::Tensor order_key =
+      segment * (int64_t{1} << 32) + (int64_t{0x7fffffff} - cand_key.index_select(0, by_pos));
+  cand_key.reset();
+  by_pos.reset();
+  auto [sorted_key, by_key] = at::sort(order_key, std::optional<bool>(true), 0, false);
+  const at::Tensor sorted_segment = sorted_key.div(int64_t{1} << 32, "floor");
+  const at::Tensor rank = at::arange(candidates, longs) - offsets.index_select(0, sorted_segment);
+  const at::Tensor taken = rank.lt(device_vector(need, device).index_select(0, sorted_segment));
+  backend.set_bits(items, pos.index_select(0, by_key).masked_select(taken), bits);
+  return true;
+}
 
 std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, bool per_tensor) {
   TORCH_CHECK(!tensors_in.empty(), "tensors must be a non-empty list");
@@ -44,14 +114,25 @@ std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, 
   const MaskBackend backend = cpu_mask_backend();
 #endif
   std::vector<at::Tensor> bits;
-  for (int64_t n : lengths) bits.push_back(at::zeros({(n + 7) / 8}, tensors[0].options().dtype(at::kByte)));
+  for (int64_t n : lengths) {
+    // padded to whole 32-bit words: the GPU sets single bits with a 32-bit atomicOr
+    const int64_t bytes = (n + 7) / 8;
+    bits.push_back(at::zeros({(bytes + 3) / 4 * 4}, tensors[0].options().dtype(at::kByte)).narrow(0, 0, bytes));
+  }
   if (items.size() == 0) return bits;
 
   std::vector<int64_t> item_segment(items.size());
   for (int64_t i = 0; i < items.size(); ++i) item_segment[i] = per_tensor ? items.tensor[i] : 0;
-  if (!device.is_cuda() && topk_mask_cpu_two_pass(tensors, items, item_segment, std::vector<int64_t>(k.begin(), k.end()), bits))
-    return bits;
+  const std::vector<int64_t> k_list(k.begin(), k.end());
+  const std::string scheme = device.is_cuda() ? "gpu" : cpu_scheme();
+  if (scheme == "two-pass" && topk_mask_cpu_two_pass(tensors, items, item_segment, k_list, bits)) return bits;
   const at::Tensor segments = device_vector(item_segment, device);
+#ifdef WITH_CUDA
+  const TwoPassBackend two_pass_backend = device.is_cuda() ? cuda_two_pass_backend() : cpu_two_pass_backend();
+#else
+  const TwoPassBackend two_pass_backend = cpu_two_pass_backend();
+#endif
+  if (scheme == "gpu" && two_pass(two_pass_backend, tensors, items, segments, k_list, bits)) return bits;
 
   std::vector<int64_t> remaining(k.begin(), k.end()), prefix(num_segments, 0);
   // A 16-bit value widened to fp32 leaves the low key bits zero (bf16: 16 bits, fp16: 13, denormals included):

@@ -1,10 +1,12 @@
-// Exact top-k selection by |value| over many tensors, by radix select on the bits of |x| (fp32).
+// Exact top-k selection by |value| over many tensors, by the bits of |x| (fp32 keys).
 //
-// For a non-negative float, its IEEE bit pattern orders like the value, so the k-th largest |x| is found
-// digit by digit (4 passes of 8 bits, each a histogram over the still-candidate elements; 16-bit inputs skip the
-// digits their widened key leaves zero: bf16 2 passes, fp16 3). Elements above
-// the threshold are all selected; ties at the threshold are taken in (tensor, index) order until exactly k
-// are selected. No sort, no concatenated copy of the tensors.
+// For a non-negative float, its IEEE bit pattern orders like the value. Two passes over the tensors: a histogram
+// of the key's top 12 bits finds the digit that holds the k-th largest key; a second pass writes every bit that
+// digit decides and collects the elements of the digit itself (a small list), among which the exact threshold
+// and the ties, taken in (tensor, index) order, are found (CPU: nth_element; GPU: two sorts of the list). When
+// that digit holds too many elements (heavy ties) the general radix select runs instead: digit by digit (4
+// passes of 8 bits, 16-bit inputs skipping the digits their widened key leaves zero: bf16 2, fp16 3), then a
+// pass counting ties and one writing the bits. No sort of the tensors, no concatenated copy.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +40,28 @@ struct MaskBackend {
 
 MaskBackend cpu_mask_backend();
 
+// The key's top 12 bits: the first digit of the two-pass scheme.
+constexpr int kHighShift = 19;  // keys are 31 bits
+constexpr int64_t kHighBins = int64_t{1} << 12;
+
+// Backend kernels of the two-pass scheme (the GPU's; the CPU has its own, topk_mask_cpu_two_pass, and these for
+// tests). A candidate's position is (item << 16) | index in item: ordered like (tensor, index).
+struct TwoPassBackend {
+  // hist (S*kHighBins + 1) int64: per-segment counts of key >> kHighShift, then the NaN count.
+  void (*high_histogram)(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                         at::Tensor& hist);
+  // Writes bit = (key >> kHighShift) > digit[segment] for every element, and appends each element whose top digit
+  // equals digit[segment] to its segment's region of the candidate list (key and position at offset[segment] +
+  // fill[segment]++; fill starts at zero).
+  void (*write_collect)(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                        const at::Tensor& digit, const at::Tensor& offset, at::Tensor& fill, at::Tensor& cand_key,
+                        at::Tensor& cand_pos, std::vector<at::Tensor>& bits);
+  // Sets the bits of the given positions (bits tensors padded to whole 32-bit words).
+  void (*set_bits)(const WorkItems& items, const at::Tensor& positions, std::vector<at::Tensor>& bits);
+};
+
+TwoPassBackend cpu_two_pass_backend();
+
 // CPU fast path: one histogram pass over the top 12 bits of the key, then one pass that writes every bit
 // decided by that digit and collects the few elements of the threshold digit; the exact threshold among those
 // is found by selection. Returns false (bits untouched) when the threshold digit holds too many elements, in
@@ -47,6 +71,7 @@ bool topk_mask_cpu_two_pass(const std::vector<at::Tensor>& tensors, const WorkIt
                             std::vector<at::Tensor>& bits);
 #ifdef WITH_CUDA
 MaskBackend cuda_mask_backend();
+TwoPassBackend cuda_two_pass_backend();
 #endif
 
 }  // namespace unlearn_engine

@@ -86,9 +86,6 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   });
 }
 
-constexpr int kHighShift = 19;            // keys are 31 bits: the top 12 make the first digit
-constexpr int64_t kHighBins = 1 << 12;
-
 template <typename T>
 bool two_pass_typed(const std::vector<at::Tensor>& tensors, const WorkItems& items,
                     const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
@@ -189,5 +186,75 @@ bool topk_mask_cpu_two_pass(const std::vector<at::Tensor>& tensors, const WorkIt
 }
 
 MaskBackend cpu_mask_backend() { return MaskBackend{&histogram, &count_ties, &write_mask}; }
+
+// ----------------------------------------------------------------------------- the GPU's two-pass kernels on CPU
+// Plain loops with the CUDA kernels' contract (topk_mask.h, TwoPassBackend): they let the tests run the GPU's
+// two-pass driver on a machine without one (UE_TOPK_CPU_SCHEME=gpu).
+namespace {
+
+void high_histogram(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                    at::Tensor& hist) {
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  int64_t* out = hist.data_ptr<int64_t>();
+  const int64_t nan_slot = hist.numel() - 1;
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_high_histogram", [&] {
+    for (int64_t i = 0; i < items.size(); ++i) {
+      const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
+      for (int64_t j = 0; j < items.length[i]; ++j) {
+        const uint32_t key = abs_key(x[j]);
+        if (key > kInfKey) {
+          ++out[nan_slot];
+        } else {
+          ++out[seg[i] * kHighBins + (key >> kHighShift)];
+        }
+      }
+    }
+  });
+}
+
+void write_collect(const std::vector<at::Tensor>& tensors, const WorkItems& items, const at::Tensor& segments,
+                   const at::Tensor& digit, const at::Tensor& offset, at::Tensor& fill, at::Tensor& cand_key,
+                   at::Tensor& cand_pos, std::vector<at::Tensor>& bits) {
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  const int64_t* dig = digit.data_ptr<int64_t>();
+  const int64_t* off = offset.data_ptr<int64_t>();
+  int64_t* filled = fill.data_ptr<int64_t>();
+  int64_t* keys = cand_key.data_ptr<int64_t>();
+  int64_t* pos = cand_pos.data_ptr<int64_t>();
+  UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_write_collect", [&] {
+    // items in reverse order: the list comes out unordered, as the GPU's atomics leave it
+    for (int64_t i = items.size() - 1; i >= 0; --i) {
+      const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
+      uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
+      const int64_t s = seg[i], d = dig[s], n = items.length[i];
+      for (int64_t b = 0; b * 8 < n; ++b) {
+        uint8_t byte = 0;
+        for (int e = 0; e < 8 && b * 8 + e < n; ++e) {
+          const uint32_t key = abs_key(x[b * 8 + e]);
+          const int64_t hi = key >> kHighShift;
+          byte |= static_cast<uint8_t>(hi > d) << e;
+          if (hi == d) {
+            const int64_t slot = off[s] + filled[s]++;
+            keys[slot] = key;
+            pos[slot] = (i << 16) | (b * 8 + e);
+          }
+        }
+        out[b] = byte;
+      }
+    }
+  });
+}
+
+void set_bits(const WorkItems& items, const at::Tensor& positions, std::vector<at::Tensor>& bits) {
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t p = 0; p < positions.numel(); ++p) {
+    const int64_t i = pos[p] >> 16, e = items.start[i] + (pos[p] & 0xffff);
+    bits[items.tensor[i]].data_ptr<uint8_t>()[e >> 3] |= static_cast<uint8_t>(1u << (e & 7));
+  }
+}
+
+}  // namespace
+
+TwoPassBackend cpu_two_pass_backend() { return TwoPassBackend{&high_histogram, &write_collect, &set_bits}; }
 
 }  // namespace unlearn_engine
