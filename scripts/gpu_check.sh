@@ -73,7 +73,8 @@ step build env UE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$CAP" MAX_JOBS="${MAX_JOBS:
 build_rc=$?
 if [ $build_rc -eq 0 ]; then
   step cuda-tests "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or kernel_" \
-    tests/test_unlearning_loss.py tests/test_unlearning_loss_rmu.py tests/test_risk_projection.py \
+    tests/test_unlearning_loss.py tests/test_unlearning_loss_rmu.py tests/test_group_objective.py \
+    tests/test_capturable.py tests/test_risk_projection.py \
     tests/test_weight_masking.py tests/test_registration.py tests/test_build.py tests/test_kernel_resources.py \
     tests/test_kernel_sanitize.py
   for tool in memcheck racecheck synccheck initcheck; do

@@ -93,6 +93,14 @@ def test_topk(dtype):
             assert torch.equal(mask.dense(i), want), (scope, i)
 
 
+def test_topk_heavy_ties_radix_path():
+    """Over 2^20 elements in the threshold bucket: the radix passes (count ties, write) instead of the two-pass list."""
+    tensors = [torch.full((1_100_000,), 0.5, device="cuda"), torch.randn(5_000, device="cuda")]
+    mask = ue.topk_mask(tensors, 0.3)
+    for i, want in enumerate(topk_mask_reference(tensors, 0.3, "global")):
+        assert torch.equal(mask.dense(i), want), i
+
+
 @pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_masked_steps(algorithm, compact):
