@@ -86,6 +86,22 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   });
 }
 
+// The bits of one work item that its segment's top digit d decides (key >> kHighShift > d); collect(key, index) is
+// called for each element of digit d itself, in index order.
+template <typename T, typename Collect>
+void write_decided_bits(const T* x, uint8_t* out, int64_t n, int64_t d, Collect&& collect) {
+  for (int64_t b = 0; b * 8 < n; ++b) {
+    uint8_t byte = 0;
+    for (int e = 0; e < 8 && b * 8 + e < n; ++e) {
+      const uint32_t key = abs_key(x[b * 8 + e]);
+      const int64_t hi = key >> kHighShift;
+      byte |= static_cast<uint8_t>(hi > d) << e;
+      if (hi == d) collect(key, b * 8 + e);
+    }
+    out[b] = byte;
+  }
+}
+
 template <typename T>
 bool two_pass_typed(const std::vector<at::Tensor>& tensors, const WorkItems& items,
                     const std::vector<int64_t>& item_segment, const std::vector<int64_t>& k,
@@ -135,17 +151,8 @@ bool two_pass_typed(const std::vector<at::Tensor>& tensors, const WorkItems& ite
   for_each_item(items, [&](int64_t i) {
     const T* x = tensors[items.tensor[i]].data_ptr<T>() + items.start[i];
     uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
-    const int64_t d = digit[item_segment[i]], n = items.length[i];
-    for (int64_t b = 0; b * 8 < n; ++b) {
-      uint8_t byte = 0;
-      for (int e = 0; e < 8 && b * 8 + e < n; ++e) {
-        const uint32_t key = abs_key(x[b * 8 + e]);
-        const int64_t hi = key >> kHighShift;
-        byte |= static_cast<uint8_t>(hi > d) << e;
-        if (hi == d) found[i].emplace_back(key, b * 8 + e);
-      }
-      out[b] = byte;
-    }
+    write_decided_bits(x, out, items.length[i], digit[item_segment[i]],
+                       [&](uint32_t key, int64_t j) { found[i].emplace_back(key, j); });
   });
   // The exact threshold among the candidates, then ties in (tensor, index) order.
   std::vector<std::vector<uint32_t>> keys(S);
@@ -226,21 +233,12 @@ void write_collect(const std::vector<at::Tensor>& tensors, const WorkItems& item
     for (int64_t i = items.size() - 1; i >= 0; --i) {
       const scalar_t* x = tensors[items.tensor[i]].data_ptr<scalar_t>() + items.start[i];
       uint8_t* out = bits[items.tensor[i]].data_ptr<uint8_t>() + items.start[i] / 8;
-      const int64_t s = seg[i], d = dig[s], n = items.length[i];
-      for (int64_t b = 0; b * 8 < n; ++b) {
-        uint8_t byte = 0;
-        for (int e = 0; e < 8 && b * 8 + e < n; ++e) {
-          const uint32_t key = abs_key(x[b * 8 + e]);
-          const int64_t hi = key >> kHighShift;
-          byte |= static_cast<uint8_t>(hi > d) << e;
-          if (hi == d) {
-            const int64_t slot = off[s] + filled[s]++;
-            keys[slot] = key;
-            pos[slot] = (i << 16) | (b * 8 + e);
-          }
-        }
-        out[b] = byte;
-      }
+      const int64_t s = seg[i];
+      write_decided_bits(x, out, items.length[i], dig[s], [&](uint32_t key, int64_t j) {
+        const int64_t slot = off[s] + filled[s]++;
+        keys[slot] = key;
+        pos[slot] = (i << 16) | j;
+      });
     }
   });
 }
