@@ -54,30 +54,29 @@ bool two_pass(const TwoPassBackend& backend, const std::vector<at::Tensor>& tens
       above += c;
     }
   }
-  // The list costs ~32 bytes a candidate at its peak (sorts included): past 1/64 of the elements (0.5 bytes an
-  // element) the radix passes are cheaper in memory.
-  if (candidates > std::max<int64_t>(int64_t{1} << 20, total / 64)) return false;
+  // The list costs ~56 bytes a candidate at its peak (the second sort's keys, values and scratch): past 1/128 of
+  // the elements (under half a byte an element) the radix passes are cheaper in memory.
+  if (candidates > std::max<int64_t>(int64_t{1} << 20, total / 128)) return false;
+  if (std::all_of(k.begin(), k.end(), [](int64_t v) { return v == 0; })) return true;  // bits stay zero
 
   at::Tensor cand_key = at::empty({candidates}, longs), cand_pos = at::empty({candidates}, longs);
   auto fill = at::zeros({S}, longs);
-  const at::Tensor offsets = device_vector(offset, device);
-  backend.write_collect(tensors, items, segments, device_vector(digit, device), offsets, fill, cand_key, cand_pos,
-                        bits);
-  if (candidates == 0) return true;
+  backend.write_collect(tensors, items, segments, device_vector(digit, device), device_vector(offset, device), fill,
+                        cand_key, cand_pos, bits);
   // Each segment's candidates by key, descending, ties by position: the list sorted by position, then stably by
-  // (segment, key descending); its first need[s] per segment are taken.
+  // (segment, key descending). Segment s then holds [offset[s], offset[s] + size[s]); its first need[s] are taken.
   auto [pos, by_pos] = at::sort(cand_pos, std::optional<bool>(false), 0, false);  // positions are distinct
   cand_pos.reset();
-  const at::Tensor segment = segments.index_select(0, pos.div(int64_t{1} << 16, "floor"));
-  const at::Tensor order_key =
-      segment * (int64_t{1} << 32) + (int64_t{0x7fffffff} - cand_key.index_select(0, by_pos));
+  at::Tensor order_key = segments.index_select(0, pos.div(int64_t{1} << 16, "floor")) * (int64_t{1} << 32) +
+                         (int64_t{0x7fffffff} - cand_key.index_select(0, by_pos));
   cand_key.reset();
   by_pos.reset();
-  auto [sorted_key, by_key] = at::sort(order_key, std::optional<bool>(true), 0, false);
-  const at::Tensor sorted_segment = sorted_key.div(int64_t{1} << 32, "floor");
-  const at::Tensor rank = at::arange(candidates, longs) - offsets.index_select(0, sorted_segment);
-  const at::Tensor taken = rank.lt(device_vector(need, device).index_select(0, sorted_segment));
-  backend.set_bits(items, pos.index_select(0, by_key).masked_select(taken), bits);
+  const at::Tensor by_key = std::get<1>(at::sort(order_key, std::optional<bool>(true), 0, false));
+  order_key.reset();
+  std::vector<at::Tensor> taken;
+  for (int64_t s = 0; s < S; ++s)
+    if (need[s] > 0) taken.push_back(by_key.narrow(0, offset[s], need[s]));
+  backend.set_bits(items, pos.index_select(0, at::cat(taken)), bits);
   return true;
 }
 

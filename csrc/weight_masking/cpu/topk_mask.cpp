@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <numeric>
@@ -243,11 +244,20 @@ void write_collect(const std::vector<at::Tensor>& tensors, const WorkItems& item
   });
 }
 
+// As the CUDA kernel does: OR into the 32-bit word holding the bit, which must lie inside the padded storage.
 void set_bits(const WorkItems& items, const at::Tensor& positions, std::vector<at::Tensor>& bits) {
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t p = 0; p < positions.numel(); ++p) {
     const int64_t i = pos[p] >> 16, e = items.start[i] + (pos[p] & 0xffff);
-    bits[items.tensor[i]].data_ptr<uint8_t>()[e >> 3] |= static_cast<uint8_t>(1u << (e & 7));
+    const at::Tensor& t = bits[items.tensor[i]];
+    uint8_t* word = t.data_ptr<uint8_t>() + 4 * (e >> 5);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(word) % 4 == 0 &&
+                    word + 4 <= static_cast<uint8_t*>(t.storage().mutable_data()) + t.storage().nbytes(),
+                "top-k mask storage is not padded to whole 32-bit words");
+    uint32_t value;
+    std::memcpy(&value, word, 4);
+    value |= 1u << (e & 31);
+    std::memcpy(word, &value, 4);
   }
 }
 
