@@ -235,18 +235,11 @@ RowPass chunk_pass(const Inputs& in, const at::Tensor& labels, const ChunkRows& 
 // cuBLAS accumulates a bf16/fp16 GEMM straight into the fp32 gradient; elsewhere the operands are widened.
 bool cuda_accumulates(const Inputs& in) { return in.hidden.is_cuda() && in.low_precision; }
 
-Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
-            const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
-            const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
-            int64_t chunk_size, bool capturable, bool made_in_forward = false) {
-  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
-                      chunk_size);
-  in.fp32_grads = made_in_forward && in.dtype == at::kHalf;
+// The linear walk into `out`: the labelled rows (capturable: every row, StaticRows) in chunks, their log-likelihoods
+// and KLs and, given coef_logp, the gradients of sum_t coef_logp_t logp_t + coef_kl_t KL_t.
+void walk_linear(const Inputs& in, Outputs& out, const at::Tensor& labels, const OptTensor& coef_logp,
+                 const OptTensor& coef_kl, int64_t chunk_size, bool capturable) {
   const bool want_grad = coef_logp.has_value();
-  if (want_grad) check_token_vector(*coef_logp, in.N, at::kFloat, in.hidden.device(), "coef_logp");
-  const c10::DeviceGuard guard(in.hidden.device());
-
-  Outputs out = make_outputs(in, want_grad);
   at::Tensor grad_scale;
   OptTensor coef_a = coef_logp, coef_k = coef_kl;
   if (want_grad) {
@@ -296,6 +289,20 @@ Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptT
     out.logp = fixed->masked(out.logp);
     if (in.with_ref) out.kl = fixed->masked(out.kl);
   }
+}
+
+Outputs run(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
+            const at::Tensor& labels, const OptTensor& ref_hidden_in, const OptTensor& ref_weight_in,
+            const OptTensor& ref_bias_in, const OptTensor& coef_logp, const OptTensor& coef_kl,
+            int64_t chunk_size, bool capturable, bool made_in_forward = false) {
+  Inputs in = prepare(hidden_in, weight_in, bias_in, labels, ref_hidden_in, ref_weight_in, ref_bias_in, coef_kl,
+                      chunk_size);
+  in.fp32_grads = made_in_forward && in.dtype == at::kHalf;
+  const bool want_grad = coef_logp.has_value();
+  if (want_grad) check_token_vector(*coef_logp, in.N, at::kFloat, in.hidden.device(), "coef_logp");
+  const c10::DeviceGuard guard(in.hidden.device());
+  Outputs out = make_outputs(in, want_grad);
+  walk_linear(in, out, labels, coef_logp, coef_kl, chunk_size, capturable);
   return out;
 }
 
@@ -495,63 +502,25 @@ void walk_groups_packed(const Inputs& in, Outputs& out, const at::Tensor& labels
   finish_gradients(in, out, grad_scale);
 }
 
-// The capturable plan: no host read. Every row is walked in order; a nonlinear objective gets a forward-only
-// pre-pass over every row first (its S_g, hence every coefficient: 8 N H V flop instead of 6); a linear one is
-// walked once. `nonlinear` = false promises sigmoid is all zero (checked on the device).
+// The capturable plan: no host read. A nonlinear objective gets a forward-only walk over every row first (its S_g,
+// hence every coefficient: 8 N H V flop instead of 6); then the linear walk over every row with those per-token
+// coefficients. `nonlinear` = false promises sigmoid is all zero (checked on the device).
 void walk_groups_static(const Inputs& in, Outputs& out, const at::Tensor& labels, const Groups& gr,
                         const OptTensor& coef_kl, int64_t chunk_size, bool nonlinear) {
   const int64_t G = gr.G;
-  const StaticRows fixed = static_rows(labels);
   assert_groups_on_device(gr, nonlinear);
-  // unlabelled rows count in no group: their coefficient is 0
-  const at::Tensor token_slot = at::where(fixed.valid, gr.slot, at::full({}, G, gr.slot.options()));
-  const int64_t n_chunks = (in.N + chunk_size - 1) / chunk_size;
-  auto chunk_at = [&](int64_t i) {
-    ChunkRows chunk;
-    chunk.start = i * chunk_size;
-    chunk.count = std::min(chunk_size, in.N - chunk.start);
-    chunk.slice = true;
-    return chunk;
-  };
-
+  // (unlabelled rows need no care here: the capturable walk reports their logp as 0 and zeroes their coefficients)
   at::Tensor group_coef = gr.linear / gr.denom;
   if (nonlinear) {
-    for (int64_t i = 0; i < n_chunks; ++i) {
-      const ChunkRows chunk = chunk_at(i);
-      RowPass pass;
-      pass.logits = chunk_logits(fixed.hidden_rows(chunk, in.hidden), in.weight, in.bias).contiguous();
-      pass.labels = chunk.take(fixed.labels).contiguous();
-      pass.logp = at::empty({chunk.count}, in.f32);
-      row_pass(pass);
-      chunk.put(out.logp, pass.logp);
-    }
-    const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, token_slot, fixed.masked(out.logp));
+    Inputs model_only = in;
+    model_only.with_ref = false;
+    Outputs first = make_outputs(model_only, /*want_grad=*/false);
+    walk_linear(model_only, first, labels, std::nullopt, std::nullopt, chunk_size, /*capturable=*/true);
+    const at::Tensor S = at::zeros({G + 1}, in.f32).index_add_(0, gr.slot, first.logp);
     group_coef = group_coefficients(S.narrow(0, 0, G), gr.linear, gr.sigmoid, gr.shift, gr.denom, gr.beta);
   }
-  at::Tensor token_coef = with_no_group_slot(group_coef).index_select(0, token_slot);
-  OptTensor coef_k = coef_kl ? OptTensor(fixed.masked(*coef_kl)) : std::nullopt;
-
-  const at::Tensor coef_bound = with_no_group_slot((gr.linear.abs() + 2 * gr.sigmoid.abs()) / gr.denom.abs());
-  const at::Tensor grad_scale = gradient_scale(in, coef_bound.index_select(0, token_slot), coef_k);
-  if (grad_scale.defined()) {
-    token_coef = token_coef / grad_scale;
-    if (coef_k) coef_k = *coef_k / grad_scale;
-  }
-  bool cuda_accumulate = cuda_accumulates(in);
-  for (int64_t i = 0; i < n_chunks; ++i) {
-    const ChunkRows chunk = chunk_at(i);
-    const at::Tensor h = fixed.hidden_rows(chunk, in.hidden);
-    RowPass pass = chunk_pass(in, fixed.labels, chunk, h, &fixed);
-    pass.coef_logp = chunk.take(token_coef).contiguous();
-    if (coef_k) pass.coef_kl = chunk.take(*coef_k).contiguous();
-    row_pass(pass);
-    chunk.put(out.logp, pass.logp);
-    if (in.with_ref) chunk.put(out.kl, pass.kl);
-    accumulate_gradients(in, out, pass.logits, h, chunk, cuda_accumulate);
-  }
-  finish_gradients(in, out, grad_scale);
-  out.logp = fixed.masked(out.logp);
-  if (in.with_ref) out.kl = fixed.masked(out.kl);
+  walk_linear(in, out, labels, with_no_group_slot(group_coef).index_select(0, gr.slot), coef_kl, chunk_size,
+              /*capturable=*/true);
 }
 
 GroupOutputs run_groups(const at::Tensor& hidden_in, const at::Tensor& weight_in, const OptTensor& bias_in,
