@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 
 #include "topk_mask.h"
@@ -38,21 +39,16 @@ bool two_pass(const TwoPassBackend& backend, const std::vector<at::Tensor>& tens
               " NaN value(s); a top-k by magnitude is undefined for NaN (check the gradients)");
   // Per segment: the digit holding the k-th largest key, how many to take from it, and its list region.
   std::vector<int64_t> digit(S, kHighBins), need(S, 0), offset(S, 0), size(S, 0);
-  int64_t candidates = 0, total = 0;
+  int64_t candidates = 0;
+  const int64_t total = std::accumulate(counts, counts + S * kHighBins, int64_t{0});
   for (int64_t s = 0; s < S; ++s) {
     offset[s] = candidates;
-    int64_t above = 0;
-    for (int64_t d = kHighBins - 1; d >= 0; --d) {
-      const int64_t c = counts[s * kHighBins + d];
-      total += c;
-      if (k[s] > 0 && digit[s] == kHighBins && above + c >= k[s]) {
-        digit[s] = d;
-        need[s] = k[s] - above;
-        size[s] = c;
-        candidates += c;
-      }
-      above += c;
-    }
+    if (k[s] == 0) continue;
+    const DigitChoice choice = choose_digit(counts + s * kHighBins, kHighBins, k[s]);
+    digit[s] = choice.digit;
+    need[s] = choice.need;
+    size[s] = choice.count;
+    candidates += choice.count;
   }
   // The list costs ~56 bytes a candidate at its peak (the second sort's keys, values and scratch): past 1/128 of
   // the elements (under half a byte an element) the radix passes are cheaper in memory.
@@ -151,16 +147,9 @@ std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, 
                 " NaN value(s); a top-k by magnitude is undefined for NaN (check the gradients)");
     for (int64_t s = 0; s < num_segments; ++s) {
       if (remaining[s] == 0) continue;
-      int64_t above = 0;
-      for (int digit = 255; digit >= 0; --digit) {
-        const int64_t c = counts[s * 256 + digit];
-        if (above + c >= remaining[s]) {
-          prefix[s] = (prefix[s] << 8) | digit;
-          remaining[s] -= above;
-          break;
-        }
-        above += c;
-      }
+      const DigitChoice choice = choose_digit(counts + s * 256, 256, remaining[s]);
+      prefix[s] = (prefix[s] << 8) | choice.digit;
+      remaining[s] = choice.need;
     }
   }
   for (int64_t s = 0; s < num_segments; ++s)

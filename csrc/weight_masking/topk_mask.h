@@ -40,6 +40,20 @@ struct MaskBackend {
 
 MaskBackend cpu_mask_backend();
 
+// Scanning a segment's digit counts from the top: the digit holding its k-th largest key (k >= 1), how many keys
+// to take from that digit (k minus those above it) and how many it holds.
+struct DigitChoice {
+  int64_t digit, need, count;
+};
+inline DigitChoice choose_digit(const int64_t* counts, int64_t bins, int64_t k) {
+  int64_t above = 0;
+  for (int64_t d = bins - 1; d >= 0; --d) {
+    if (above + counts[d] >= k) return {d, k - above, counts[d]};
+    above += counts[d];
+  }
+  return {bins, 0, 0};  // fewer than k keys: cannot happen for a checked k
+}
+
 // The key's top 12 bits: the first digit of the two-pass scheme.
 constexpr int kHighShift = 19;  // keys are 31 bits
 constexpr int64_t kHighBins = int64_t{1} << 12;

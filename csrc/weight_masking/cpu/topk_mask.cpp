@@ -132,19 +132,12 @@ bool two_pass_typed(const std::vector<at::Tensor>& tensors, const WorkItems& ite
   std::vector<int64_t> digit(S, kHighBins), need_in_digit(S, 0);
   int64_t candidates = 0;
   for (int64_t s = 0; s < S; ++s) {
-    int64_t above = 0;
     total += std::accumulate(hist.begin() + s * kHighBins, hist.begin() + (s + 1) * kHighBins, int64_t{0});
     if (k[s] == 0) continue;
-    for (int64_t d = kHighBins - 1; d >= 0; --d) {
-      const int64_t c = hist[s * kHighBins + d];
-      if (above + c >= k[s]) {
-        digit[s] = d;
-        need_in_digit[s] = k[s] - above;
-        candidates += c;
-        break;
-      }
-      above += c;
-    }
+    const DigitChoice choice = choose_digit(hist.data() + s * kHighBins, kHighBins, k[s]);
+    digit[s] = choice.digit;
+    need_in_digit[s] = choice.need;
+    candidates += choice.count;
   }
   if (candidates > std::max<int64_t>(int64_t{1} << 20, total / 8)) return false;  // heavy ties: general path
   // Pass 2: every bit the top digit decides; the threshold digit's elements are collected, in order.
