@@ -32,7 +32,7 @@ OBJECTIVES = [("ga", "nll"), ("npo", "nll"), ("ga", "kl"), ("npo", "kl")]
 # term, and no slower than eager on a CPU.
 NPO_OVER_GA_MAX = 1.05
 BASELINES = list(baseline_impls(DEVICE))  # compile / liger / cce on a GPU, where installed
-CASES = [(impl, f, r) for f, r in OBJECTIVES for impl in ["eager", "fused"] + (
+CASES = [(impl, f, r) for f, r in OBJECTIVES for impl in ["eager", "fused", "capturable"] + (
     BASELINES if (f, r) == ("ga", "nll") else ["compile"] if "compile" in BASELINES else [])]
 
 
@@ -48,7 +48,7 @@ def test_unlearning_loss_fwd_bwd(benchmark, results, impl, forget, retain, n, h,
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     grads = gradient_bytes(args)
-    if impl in ("eager", "fused"):
+    if impl in ("eager", "fused", "capturable"):
         peak = probe_in_subprocess("bench.unlearning_loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])[
             "peak_extra_bytes"]
     else:  # the baselines are measured in this process (their modules are imported here)
@@ -84,6 +84,9 @@ def test_npo_costs_what_ga_costs(results):
                     over_fused_ga=over_ga, over_eager=over_eager, target=f"<= {NPO_OVER_GA_MAX}x GA"
                     + (", <= 1.0x eager" if DEVICE == "cpu" else ""), within_target=within)
     for (objective, impl, shape), time_s in sorted(rows.items()):
+        if impl == "capturable" and (objective, "fused", shape) in rows:  # the price of no host sync
+            summary.add(case=f"{objective} {shape}", impl="capturable", device=DEVICE, time_s=time_s,
+                        over_fused=time_s / rows[(objective, "fused", shape)])
         if impl == "fused" and objective.startswith("ga+") and (objective, "eager", shape) in rows:
             summary.add(case=f"{objective} {shape}", impl="fused", device=DEVICE, time_s=time_s,
                         over_eager=time_s / rows[(objective, "eager", shape)])
@@ -109,3 +112,7 @@ def test_flop_count_matches_what_each_path_does(forget, retain):
     measured = measured_gemm_flop(lambda: fused_loss(*args, **chunked)[0].backward())
     assert measured == flop_count("fused", forget, retain, n, h, v, chunk_size=2)
     assert measured == expected + (2 * 12 * h * v if forget == "npo" else 0)
+    # capturable: every row, and NPO's pre-pass over all of them
+    measured = measured_gemm_flop(lambda: step("capturable", args, kwargs))
+    assert measured == flop_count("capturable", forget, retain, n, h, v)
+    assert measured == expected + (2 * n * h * v if forget == "npo" else 0)

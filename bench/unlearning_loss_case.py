@@ -37,7 +37,12 @@ def fused_loss(*args, **kwargs):
     return ue.unlearning_loss(*args, validate=False, **kwargs)
 
 
-IMPLS = {"eager": eager_loss, "fused": fused_loss}
+def capturable_loss(*args, **kwargs):
+    # no host sync (a CUDA graph can hold it): every row walked, NPO with a forward pre-pass
+    return ue.unlearning_loss(*args, validate=False, capturable=True, **kwargs)
+
+
+IMPLS = {"eager": eager_loss, "fused": fused_loss, "capturable": capturable_loss}
 
 
 def _plain_ce(fn):
@@ -80,10 +85,14 @@ def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: in
     makes every objective's gradients in its one forward walk, NPO included: GA+NLL and NPO+NLL 6NHV, GA+KL and
     NPO+KL 8NHV, as eager (which keeps its logits). The only extra is the fused NPO's forward-only pre-pass over a
     forget sample longer than the chunk (2 H V per such row; make_inputs' samples are n / samples rows long, and
-    chunk_size defaults to the rule unlearning_loss uses on `device`). The plain-CE baselines do GA+NLL's 6NHV."""
+    chunk_size defaults to the rule unlearning_loss uses on `device`). The capturable path walks every row (all are
+    labelled here) and gives NPO a forward pre-pass over all of them (+2NHV). The plain-CE baselines do GA+NLL's
+    6NHV."""
     gemm = 2 * n * h * v
     logits = gemm * (2 if retain == "kl" else 1)
     total = logits + 2 * gemm
+    if impl == "capturable" and forget == "npo":
+        total += gemm
     if impl == "fused" and forget == "npo":
         chunk = chunk_size or default_chunk_size(n, v, torch.device(device), element_size=element_size,
                                                  with_ref=retain == "kl")
