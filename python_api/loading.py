@@ -3,8 +3,10 @@
     model, processor = ue.load_vlm("path/to/llava", dtype="bfloat16", device="cuda")
 
 A checkpoint folder holds config.json and model.safetensors, or a sharded model.safetensors.index.json.
-Both LLaVA key layouts are accepted: the old one (language_model.model.*, vision_tower.*,
-multi_modal_projector.*) and the current one (model.language_model.*, ...).
+Every key layout transformers' from_pretrained accepts is accepted, because the names are mapped by transformers'
+own conversion mapping for the class (transformers.conversion_mapping): LLaVA's old layout (language_model.model.*,
+as llava-hf ships it) and current one (model.language_model.*), Qwen2-VL / Qwen2.5-VL's Hub layout (model.layers.*,
+visual.*) and current one; a user's key_mapping is applied first, as from_pretrained applies it.
 
 Supported architectures (SUPPORTED_VLMS; any other VLM is refused with this list): LLaVA (model_type "llava"),
 Qwen2-VL ("qwen2_vl") and Qwen2.5-VL ("qwen2_5_vl"), plus text-only causal LMs known to transformers.
@@ -16,11 +18,11 @@ unexpected or mis-shaped tensor. After loading, every weight is scanned for NaN/
 """
 import json
 import os
+import re
 from typing import Dict, NamedTuple, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from unlearn_engine.atomic import atomic_dir
 
@@ -29,15 +31,6 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-# old LLaVA layout prefix -> current layout prefix
-LEGACY_PREFIXES = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
-
 
 class CheckpointError(ValueError):
     """The checkpoint folder or one of its files is not what a safetensors VLM checkpoint must be."""
@@ -125,13 +118,24 @@ def _read_shapes(path, files) -> Dict[str, tuple]:
     return shapes
 
 
-def _canonical_name(name, expected):
-    if name in expected:
-        return name
-    for old, new in LEGACY_PREFIXES:
-        if name.startswith(old) and new + name[len(old):] in expected:
-            return new + name[len(old):]
-    return name
+def _checkpoint_names(skeleton, names, key_mapping=None) -> Dict[str, Tuple[str, bool]]:
+    """{checkpoint tensor name: (the model's name for it, whether a converter reshapes it)}, renamed the way
+    from_pretrained renames them: transformers' own conversion mapping for the class (both LLaVA layouts, the Qwen-VL
+    Hub layout, ...), the user's key_mapping first, and the base-model prefix added or dropped as needed."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(skeleton, key_mapping=key_mapping)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected, prefix = skeleton.state_dict(), skeleton.base_model_prefix
+    mapped = {}
+    for name in names:
+        new, pattern = rename_source_key(name, renamings, converters, prefix, expected)
+        if new not in expected and name in expected:  # as from_pretrained: a name already right stays
+            new, pattern = rename_source_key(name, [], [], prefix, expected)
+        mapped[name] = (new, pattern is not None)
+    return mapped
 
 
 def check_checkpoint_dir(path: str) -> Dict[str, list]:
@@ -179,10 +183,13 @@ def _check_finite(model: torch.nn.Module) -> None:
 
 
 def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", *,
-             load_processor: bool = True, check_finite: bool = True) -> Tuple[torch.nn.Module, object]:
+             load_processor: bool = True, check_finite: bool = True,
+             key_mapping: Dict[str, str] | None = None) -> Tuple[torch.nn.Module, object]:
     """(model, processor or tokenizer or None) from a safetensors checkpoint folder; model in eval mode.
     The processor is the checkpoint's AutoProcessor when it ships one (its .tokenizer and .image_processor),
-    else its tokenizer. check_finite: refuse weights holding NaN/inf (CheckpointError naming the tensor)."""
+    else its tokenizer. check_finite: refuse weights holding NaN/inf (CheckpointError naming the tensor).
+    key_mapping: {regex: replacement} for checkpoint names, applied before transformers' own mapping (as
+    from_pretrained's key_mapping)."""
     import transformers
 
     dtype = _dtype(dtype)
@@ -192,21 +199,25 @@ def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | tor
     with torch.device("meta"):  # the module layout only: no memory
         skeleton = cls(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    shapes = _read_shapes(path, files)
+    mapped = _checkpoint_names(skeleton, shapes, key_mapping)
+    ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or ()]
     del skeleton
-    shapes = {_canonical_name(k, expected): v for k, v in _read_shapes(path, files).items()}
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(k for k, (new, _) in mapped.items()
+                        if new not in expected and not any(p.search(k) for p in ignored))
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in the checkpoint: {unexpected[:10]}"
                               + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    present = {new for new, _ in mapped.values()}
     tied = {k for k in expected if k.endswith("lm_head.weight")} if _ties_embeddings(config) else set()
-    missing = sorted(set(expected) - set(shapes) - tied)
+    missing = sorted(set(expected) - present - tied)
     if missing:
         raise CheckpointError(f"missing tensor(s) in the checkpoint: {missing[:10]}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    for name, shape in shapes.items():
-        if shape != expected[name]:
-            raise CheckpointError(f"tensor {name} has shape {shape} in the checkpoint but the model "
-                                  f"expects {expected[name]}")
+    for name, (new, converted) in mapped.items():
+        if not converted and shapes[name] != expected[new]:  # a converter's inputs have their own shapes
+            raise CheckpointError(f"tensor {name} has shape {shapes[name]} in the checkpoint but the model "
+                                  f"expects {expected[new]}" + (f" (as {new})" if new != name else ""))
     device = torch.device(device)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # our checks above already said what was wrong
@@ -214,7 +225,8 @@ def load_vlm(path: str, dtype: str | torch.dtype = "bfloat16", device: str | tor
     transformers.utils.logging.disable_progress_bar()  # stderr stays for one-line errors
     try:
         model = cls.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                    device_map={"": device} if device.type != "cpu" else None)
+                                    device_map={"": device} if device.type != "cpu" else None,
+                                    key_mapping=key_mapping)
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"transformers could not load {path}: {' '.join(str(err).split())}") from None
     finally:
@@ -288,35 +300,19 @@ def _load_processor(path):
 
 
 def save_vlm(model: torch.nn.Module, path: str, *, processor=None, max_shard_bytes: int | None = None) -> None:
-    """Write config.json + safetensors (sharded with an index when max_shard_bytes is given) atomically: into a
-    temporary folder beside `path`, then renamed over it. Tied weights are stored once."""
-    with atomic_dir(path) as tmp:
-        model.config.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        state, seen = {}, set()
-        for name, tensor in model.state_dict().items():
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            if key in seen:
-                continue  # a tied tensor: stored once
-            seen.add(key)
-            state[name] = tensor.detach().contiguous().cpu()
-        if max_shard_bytes is None:
-            save_file(state, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            shards, current, size = [], {}, 0
-            for name, tensor in state.items():
-                nbytes = tensor.numel() * tensor.element_size()
-                if current and size + nbytes > max_shard_bytes:
-                    shards.append(current)
-                    current, size = {}, 0
-                current[name], size = tensor, size + nbytes
-            shards.append(current)
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    """Write what transformers' save_pretrained writes (config.json, generation_config.json, safetensors in the
+    checkpoint's original key layout, sharded with an index when max_shard_bytes is given, tied weights once), so
+    plain from_pretrained reloads it; atomically: into a temporary folder beside `path`, then renamed over it."""
+    import transformers
 
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" is noise for a one-line CLI
+    try:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  max_shard_size=max_shard_bytes if max_shard_bytes is not None else "1000GB")
+            if processor is not None:
+                processor.save_pretrained(tmp)
+    finally:
+        if bar:
+            transformers.utils.logging.enable_progress_bar()

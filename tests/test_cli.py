@@ -487,7 +487,7 @@ def bad_inputs(model, tmp, nan_model=None):
         nan_dir, nan_name = nan_model
         for name, argv in (("unlearn", unlearn), ("asr", asr), ("rai", rai)):
             cases[f"{name}-nan-weights"] = (with_flag(argv, "--model", str(nan_dir)),
-                                            f"tensor {nan_name} holds 1 non-finite value(s)")
+                                            f"{nan_name} holds 1 non-finite value(s)")  # the model's name ends so
     return cases
 
 

@@ -1,4 +1,5 @@
-"""load_vlm / save_vlm on tiny LLaVA checkpoints: layouts, shards, tied embeddings, and broken files."""
+"""load_vlm / save_vlm on tiny LLaVA checkpoints: shards, tied embeddings, a user's key_mapping, and broken files.
+The checkpoint layouts transformers writes are tested in test_hub_layouts.py."""
 import json
 import os
 import shutil
@@ -43,26 +44,38 @@ def test_roundtrip_sharded_and_dtype(tmp_path, tiny_llava_dir):
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
-def test_legacy_key_layout(tmp_path, tiny_llava_dir):
+def test_saves_what_save_pretrained_writes(tmp_path, tiny_llava_dir):
+    """Catches save_vlm writing its own layout (the current module names) instead of save_pretrained's files:
+    the original (llava-hf) key layout, generation_config.json, and a folder plain from_pretrained reloads."""
+    from transformers import LlavaForConditionalGeneration
+
     model, _ = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
-    legacy = tmp_path / "legacy"
-    shutil.copytree(tiny_llava_dir, legacy)
-    renames = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-               "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
-    old = {}
-    for k, v in load_file(str(legacy / "model.safetensors")).items():
-        new = next((o + k[len(n):] for n, o in renames.items() if k.startswith(n)), k)
-        old[new] = v
-    assert any(k.startswith("language_model.model.") for k in old)
-    save_file(old, str(legacy / "model.safetensors"))
-    _same_model(model, ue.load_vlm(str(legacy), dtype="float32")[0])
+    model.generation_config.max_new_tokens = 7
+    ue.save_vlm(model, str(tmp_path / "ours"))
+    model.save_pretrained(str(tmp_path / "theirs"))
+    ours, theirs = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ours", "theirs"))
+    assert sorted(ours) == sorted(theirs) and any(k.startswith("language_model.model.") for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((tmp_path / "ours" / "generation_config.json").read_text())["max_new_tokens"] == 7
+    _same_model(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "ours")))
+
+
+def test_users_key_mapping(tmp_path, tiny_llava_dir):
+    """A checkpoint in a layout of its own loads with key_mapping, as from_pretrained's; without it every tensor
+    is unexpected (the checks run after the mapping)."""
+    model, _ = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
+    path = _broken(tmp_path, tiny_llava_dir, "custom")
+    _rewrite(path, lambda t: t.update({"custom." + k: t.pop(k) for k in list(t)}))
+    with pytest.raises(ue.CheckpointError, match=r"unexpected tensor\(s\).*custom\."):
+        ue.load_vlm(str(path))
+    _same_model(model, ue.load_vlm(str(path), dtype="float32", key_mapping={r"^custom\.": ""})[0])
 
 
 def test_tied_embeddings(tmp_path, toy_tokenizer):
     model = tiny_llava(toy_tokenizer, tie_word_embeddings=True).float()
     ue.save_vlm(model, str(tmp_path / "tied"))
     stored = load_file(str(tmp_path / "tied" / "model.safetensors"))
-    assert "lm_head.weight" not in stored  # stored once
+    assert not [k for k in stored if k.endswith("lm_head.weight")]  # stored once
     loaded, _ = ue.load_vlm(str(tmp_path / "tied"), dtype="float32")
     assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     _same_model(model, loaded)
@@ -82,7 +95,7 @@ def _rewrite(path, edit):
 
 def test_missing_tensor(tmp_path, tiny_llava_dir):
     path = _broken(tmp_path, tiny_llava_dir, "missing")
-    _rewrite(path, lambda t: t.pop("model.multi_modal_projector.linear_1.weight"))
+    _rewrite(path, lambda t: t.pop("multi_modal_projector.linear_1.weight"))
     with pytest.raises(ue.CheckpointError, match=r"missing tensor\(s\).*multi_modal_projector.linear_1.weight"):
         ue.load_vlm(str(path))
 
@@ -96,8 +109,9 @@ def test_unexpected_tensor(tmp_path, tiny_llava_dir):
 
 def test_misshaped_tensor(tmp_path, tiny_llava_dir):
     path = _broken(tmp_path, tiny_llava_dir, "shape")
-    _rewrite(path, lambda t: t.__setitem__("lm_head.weight", torch.zeros(3, 32)))
-    with pytest.raises(ue.CheckpointError, match=r"tensor lm_head.weight has shape \(3, 32\).*expects \(\d+, 32\)"):
+    _rewrite(path, lambda t: t.__setitem__("language_model.lm_head.weight", torch.zeros(3, 32)))
+    with pytest.raises(ue.CheckpointError, match=r"tensor language_model.lm_head.weight has shape \(3, 32\).*expects "
+                                                 r"\(\d+, 32\) \(as lm_head.weight\)"):
         ue.load_vlm(str(path))
 
 
@@ -162,7 +176,7 @@ def test_save_is_atomic(tmp_path, tiny_llava_dir, monkeypatch):
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr("unlearn_engine.api.loading.save_file", boom)
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         ue.save_vlm(model, str(target))
     assert (target / "model.safetensors").read_bytes() == before
@@ -173,7 +187,7 @@ def test_non_finite_weights_are_refused_with_the_tensor_named(tmp_path, tiny_lla
     """Catches a NaN/inf checkpoint loading silently (it answers "" to everything and looks safe), a scan that
     misses inf or buffers' neighbours, or check_finite=False not skipping the scan."""
     path = _broken(tmp_path, tiny_llava_dir, "nan")
-    _rewrite(path, lambda t: t["model.language_model.layers.1.mlp.down_proj.weight"].view(-1)[-1:].fill_(float("inf")))
+    _rewrite(path, lambda t: t["language_model.model.layers.1.mlp.down_proj.weight"].view(-1)[-1:].fill_(float("inf")))
     with pytest.raises(ue.CheckpointError, match=r"tensor model.language_model.layers.1.mlp.down_proj.weight holds 1 "
                                                  r"non-finite value\(s\)"):
         ue.load_vlm(str(path), dtype="float32")
