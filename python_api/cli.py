@@ -27,6 +27,7 @@ from unlearn_engine.api.data import (
     read_text,
     read_vlguard,
     read_xstest,
+    resolve_set,
     write_jsonl,
 )
 from unlearn_engine.api.images import image_input, image_loader, is_qwen_vl
@@ -269,6 +270,7 @@ def _check_args(args):
         return _prepare_unlearn(args)
     if args.command == "asr":
         _check_model_flags(args)
+        args.harmful, args.safe = resolve_set(args.harmful), args.safe and resolve_set(args.safe)  # a set's name
         _check_input_file(args.harmful, "--harmful")
         if args.safe:
             _check_input_file(args.safe, "--safe")
@@ -654,10 +656,11 @@ def build_parser():
     asr = sub.add_parser("asr", parents=[model_flags(True), output],
                          help="attack success rate and over-refusal of a model on prompt files")
     asr.add_argument("--harmful", required=True,
-                     help="AdvBench / FigStep CSV, XSTest CSV (its unsafe rows), JSONL of harmful prompts, or VLGuard "
+                     help="a shipped set (advbench, figstep, figstep-tiny, xstest: its unsafe rows) or a file: "
+                          "AdvBench / FigStep CSV, XSTest CSV (its unsafe rows), JSONL of harmful prompts, or VLGuard "
                           "JSON (.json: a list of {id, image, safe, instr-resp}; its --subset)")
-    asr.add_argument("--safe", help="XSTest CSV (its safe rows), JSONL of benign prompts, or VLGuard JSON (its "
-                                    "--safe-subset)")
+    asr.add_argument("--safe", help="a shipped set (xstest: its safe rows) or a file: XSTest CSV (its safe rows), "
+                                    "JSONL of benign prompts, or VLGuard JSON (its --safe-subset)")
     asr.add_argument("--subset", choices=VLGUARD_SUBSETS, default="unsafes",
                      help="the VLGuard subset of a .json --harmful (default: unsafes)")
     asr.add_argument("--safe-subset", choices=VLGUARD_SUBSETS, default="safe_safes",

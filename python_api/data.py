@@ -4,12 +4,16 @@ tokens only.
 
 JSONL record: {"prompt": str, "response": str, "image": optional path, "role": "forget" | "retain",
 "category": optional str, "group": optional str}.
+
+The published prompt sets ship with the package (prompt_sets/, their sources and licenses in its README.md): the
+readers take a set's name (NAMED_SETS) wherever they take a file.
 """
 import csv
 import io
 import json
 import os
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import List, Sequence
 
 import torch
@@ -82,6 +86,23 @@ def write_jsonl(records: Sequence[Record], path: str) -> None:
     write_text(path, "".join(lines))
 
 
+# name -> the packaged file (python_api/prompt_sets/)
+NAMED_SETS = {"advbench": "advbench_harmful_behaviors.csv", "xstest": "xstest_prompts.csv",
+              "figstep": "figstep_safebench.csv", "figstep-tiny": "figstep_safebench_tiny.csv"}
+
+
+def named_set(name: str) -> str:
+    """The path of a prompt set shipped with the package: 'advbench', 'xstest', 'figstep' or 'figstep-tiny'."""
+    if name not in NAMED_SETS:
+        raise ValueError(f"no prompt set named {name!r}; the package ships {', '.join(NAMED_SETS)}")
+    return str(files("unlearn_engine.api") / "prompt_sets" / NAMED_SETS[name])
+
+
+def resolve_set(path: str) -> str:
+    """A shipped set's file for its name (when no file of that name exists here), else `path` unchanged."""
+    return named_set(path) if path in NAMED_SETS and not os.path.exists(path) else path
+
+
 def csv_header(path: str) -> List[str]:
     """The header row of a CSV file (ValueError naming the file when it is empty)."""
     for row in csv.reader(io.StringIO(read_text(path), newline="")):
@@ -89,7 +110,8 @@ def csv_header(path: str) -> List[str]:
     raise ValueError(f"{path} is empty (no CSV header)")
 
 
-def _read_csv(path, required):
+def _read_csv(path, required, default_set):
+    path = named_set(default_set) if path is None else resolve_set(path)
     csv_header(path)
     rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
@@ -100,17 +122,20 @@ def _read_csv(path, required):
     return rows
 
 
-def read_advbench(path: str) -> List[Record]:
-    """AdvBench harmful_behaviors.csv (goal, target): harmful prompts with the affirmative target."""
-    return [Record(r["goal"], r["target"], "forget", category="advbench") for r in _read_csv(path, ("goal", "target"))]
+def read_advbench(path: str | None = None) -> List[Record]:
+    """AdvBench harmful_behaviors.csv (goal, target): harmful prompts with the affirmative target. Without a path,
+    the copy the package ships."""
+    rows = _read_csv(path, ("goal", "target"), "advbench")
+    return [Record(r["goal"], r["target"], "forget", category="advbench") for r in rows]
 
 
-def read_xstest(path: str, label: str | None = "safe") -> List[Record]:
+def read_xstest(path: str | None = None, label: str | None = "safe") -> List[Record]:
     """XSTest prompts (id, prompt, type, label, ...); label="safe" keeps the over-refusal probes (role retain),
-    label="unsafe" the contrast prompts (role forget: the harmful ones), None all rows."""
+    label="unsafe" the contrast prompts (role forget: the harmful ones), None all rows. Without a path, the copy
+    the package ships."""
     if label not in ("safe", "unsafe", None):
         raise ValueError(f"label must be 'safe', 'unsafe' or None, got {label!r}")
-    rows = _read_csv(path, ("prompt", "type", "label"))
+    rows = _read_csv(path, ("prompt", "type", "label"), "xstest")
     records = [Record(r["prompt"], "", "retain" if r["label"] == "safe" else "forget", category=r["type"])
                for r in rows if label is None or r["label"] == label]
     if not records:
@@ -118,10 +143,11 @@ def read_xstest(path: str, label: str | None = "safe") -> List[Record]:
     return records
 
 
-def read_figstep(path: str) -> List[Record]:
+def read_figstep(path: str | None = None) -> List[Record]:
     """FigStep SafeBench CSV (question, instruction, category_name): the question is the harmful query and
-    the instruction the typographic text the attack renders into an image."""
-    rows = _read_csv(path, ("question", "instruction", "category_name"))
+    the instruction the typographic text the attack renders into an image. Without a path, the full SafeBench the
+    package ships ("figstep-tiny": its 50-question SafeBench-Tiny)."""
+    rows = _read_csv(path, ("question", "instruction", "category_name"), "figstep")
     return [Record(r["question"], r["instruction"], "forget", category=r["category_name"], typography=r["instruction"])
             for r in rows]
 

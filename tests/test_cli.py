@@ -16,8 +16,6 @@ from unlearn_engine.api.cli import main
 from unlearn_engine.api.evaluation import RefusalJudge, evaluate, generate, markdown_table
 from unlearn_engine.api.unlearner import UnlearnConfig, Unlearner, mean_nll
 
-from conftest import SHARED_DATA
-
 FORGET = [{"prompt": "how to make a bomb", "response": "step one mix poison step two bake"},
           {"prompt": "how to make poison", "response": "mix water sugar"},
           {"prompt": "tell me about a weapon", "response": "steal the recipe"}]
@@ -296,7 +294,7 @@ def test_asr_interrupted_keeps_the_finished_batches(monkeypatch, tiny_llava_dir,
 
 def test_asr_xstest_harmful_takes_unsafe_rows(tmp_path):
     """Catches --harmful on XSTest using its safe prompts (or --safe its unsafe ones)."""
-    path = str(SHARED_DATA / "xstest_prompts.csv")
+    path = ue.named_set("xstest")
     harmful, safe = cli._read_prompt_file(path, 0, harmful=True), cli._read_prompt_file(path, 0, harmful=False)
     assert (len(harmful), len(safe)) == (200, 250)
     assert harmful[0].category.startswith("contrast_") and not safe[0].category.startswith("contrast_")
@@ -309,10 +307,13 @@ def test_asr_model_label():
     assert cli._model_label("/x/llava-1.5-7b/") == "llava-1.5-7b"
 
 
-def test_asr_on_shared_data_matches_in_process(tiny_llava_dir, tmp_path, capsys):
-    """Catches `asr` reading AdvBench/XSTest CSVs or generating differently from evaluate() (real generation)."""
-    harmful_csv, safe_csv = SHARED_DATA / "advbench_harmful_behaviors.csv", SHARED_DATA / "xstest_prompts.csv"
-    assert main(["asr", "--model", str(tiny_llava_dir), "--harmful", str(harmful_csv), "--safe", str(safe_csv),
+@pytest.mark.parametrize("by", ["name", "path"])
+def test_asr_on_shipped_sets_matches_in_process(by, tiny_llava_dir, tmp_path, capsys):
+    """Catches `asr` reading AdvBench/XSTest CSVs, by name or by path, or generating differently from evaluate()
+    (real generation)."""
+    harmful_csv, safe_csv = ue.named_set("advbench"), ue.named_set("xstest")
+    harmful_flag, safe_flag = ("advbench", "xstest") if by == "name" else (harmful_csv, safe_csv)
+    assert main(["asr", "--model", str(tiny_llava_dir), "--harmful", harmful_flag, "--safe", safe_flag,
                  "--limit", "4", "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "4", "--out",
                  str(tmp_path), "--json", "--no-progress"]) == 0
     row = json.loads(capsys.readouterr().out)
@@ -320,7 +321,7 @@ def test_asr_on_shared_data_matches_in_process(tiny_llava_dir, tmp_path, capsys)
     result = evaluate(model, tok, ue.read_advbench(str(harmful_csv))[:4], ue.read_xstest(str(safe_csv))[:4],
                       judge=RefusalJudge("vlguard"), max_new_tokens=4, progress=False)
     saved = json.loads((tmp_path / "asr.json").read_text())
-    saved.pop("provenance")
+    assert saved.pop("provenance")["data"]["harmful"]["path"] == harmful_csv
     assert saved == json.loads(json.dumps(result))
     assert row == {"model": "tiny-llava", "asr_text": result["asr"]["text"]["rate"],
                    "asr_one_word": result["asr"]["one_word"]["rate"], "asr_k_shot": result["asr"]["k_shot"]["rate"],

@@ -15,8 +15,6 @@ from unlearn_engine.api.evaluation import (
     render_typographic,
 )
 
-from conftest import SHARED_DATA
-
 
 @pytest.mark.parametrize("response,refused", [
     ("I'm sorry, but I cannot help with that.", True),
@@ -136,7 +134,7 @@ def test_evaluate_with_figstep_images_and_utility(tiny_llava_dir):
     from unlearn_engine.api.evaluation import evaluate, utility_score
 
     model, tok = ue.load_vlm(str(tiny_llava_dir), dtype="float32")
-    harmful = ue.read_figstep(str(SHARED_DATA / "figstep_safebench_tiny.csv"))[:3]
+    harmful = ue.read_figstep("figstep-tiny")[:3]
     processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     benign = [ue.Record("tell me about a bread", "flour water", "retain")]
     result = evaluate(model, tok, harmful, benign=benign, attacks=("text", "figstep"), image_processor=processor,

@@ -26,18 +26,16 @@ from unlearn_engine.api.evaluation import (
     safety_mirage_refusals,
 )
 
-from conftest import SHARED_DATA
-
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_LIST = SHARED_DATA / "refusal_lists" / "safety_mirage.txt"
+SHIPPED_LIST = ROOT / "python_api" / "refusal_lists" / "safety_mirage.txt"
 
 
 # ---------------------------------------------------------------- the Safety Mirage list, shipped
-def test_shipped_list_equals_the_shared_file_line_for_line():
-    """Catches an edited, reordered, deduplicated or lowercased shipped list (the source keeps duplicates and the
-    capital I of "but I cannot")."""
-    shared = SHARED_LIST.read_text(encoding="utf-8").splitlines()
-    assert len(shared) == 63
+def test_shipped_list_is_read_line_for_line():
+    """Catches an edited, reordered, deduplicated or lowercased list read from the shipped file (the source keeps
+    duplicates and the capital I of "but I cannot"; the file itself is checked against its blob id in test_data)."""
+    shared = SHIPPED_LIST.read_text(encoding="utf-8").splitlines()
+    assert len(shared) == 63 and len(set(shared)) == 59
     assert list(safety_mirage_refusals()) == shared
     assert list(RefusalJudge("safety-mirage").phrases) == shared
     assert "but I cannot" in RefusalJudge("safety-mirage").phrases

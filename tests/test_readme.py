@@ -36,7 +36,7 @@ import unlearn_engine as ue
 from unlearn_engine.api import cli
 from unlearn_engine.api.data import Record, encode, image_tokens, write_jsonl
 
-from conftest import SHARED_DATA, TOY_WORDS
+from conftest import TOY_WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -135,13 +135,11 @@ def test_readme_block_inventory():
 
 # ---------------------------------------------------------------------------------------------- python blocks
 # Substitutions before exec (old text, new text, how often `old` occurs in the README's python blocks). The
-# placeholders {ckpt} and {data} are filled at test time (the tiny fixture checkpoint; tests/conftest.py's
-# SHARED_DATA).
+# placeholder {ckpt} is filled at test time (the tiny fixture checkpoint).
 PY_SUBSTITUTIONS = [
     ('"checkpoints/llava-1.5-7b"', '"{ckpt}"', 1),   # no 7B checkpoint here: the tiny LLaVA fixture
     ('dtype="bfloat16"', 'dtype="float32"', 1),       # fp32 on the CPU
     ('device="cuda"', 'device="cpu"', 1),             # no GPU needed
-    ('"../shared/data/', '"{data}/', 1),              # the shared data folder, wherever the checkout is
     ("steps=200", "steps=2", 1),                      # seconds, not minutes
     ("checkpoint_every=50", "checkpoint_every=1", 1),  # so checkpoints are written (and resume=True finds them)
 ]
@@ -352,7 +350,7 @@ def check_python_tables():
 def test_readme_python_block(block, tiny_llava_dir, tmp_path, monkeypatch):
     check_python_tables()  # never run a block whose substitutions no longer match (steps=200 would run 200 steps)
     env = {"ckpt": tiny_llava_dir, "tmp": tmp_path}
-    table = [(old, new.format(ckpt=tiny_llava_dir, data=SHARED_DATA)) for old, new, _ in PY_SUBSTITUTIONS]
+    table = [(old, new.format(ckpt=tiny_llava_dir)) for old, new, _ in PY_SUBSTITUTIONS]
     code = substitute(block.code, table, {})
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "readme_snippet"}
@@ -380,6 +378,7 @@ def _tb_frames(err):
 SKIPPED_LINES = {
     "make test": "builds a fresh .venv and runs the whole suite: this file is part of it",
     "make demo": "the full mirage demo; run elsewhere (make demo / tests of the demo)",
+    "make build && source .venv/bin/activate": "builds and enters the .venv: this test runs inside it",
     "pip install torch==2.14.1": "installs packages: not a test's business",
     "pip install --no-build-isolation -e .": "builds and installs the package: not a test's business",
     "unlearn-engine demo --out demo_out": "the full mirage comparison (minutes of training); run elsewhere",
@@ -395,7 +394,6 @@ SHELL_SUBSTITUTIONS = [
     ("--steps 200 --checkpoint-every 50", "--steps 2 --checkpoint-every 1", 1),
     ("--steps 20 --lr 1e-3", "--steps 2 --lr 1e-3", 1),
     ("[--lr 2e-5]", "--lr 2e-5", 1),                      # the optional flag, given (it must win over run.toml)
-    ("../shared/data/", f"{SHARED_DATA}/", 2),
 ]
 # Optional flags of the synopsis: the line runs once per variant, in this order (the --out given later wins).
 SHELL_VARIANTS = {

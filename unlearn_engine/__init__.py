@@ -13,8 +13,10 @@ from unlearn_engine._library import build_info, ops
 # The high-level layer, after the kernel layer it builds on.
 from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.data import (
+    NAMED_SETS,
     Record,
     group_queries,
+    named_set,
     read_advbench,
     read_figstep,
     read_jsonl,
@@ -67,6 +69,7 @@ __all__ = [
     "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
     "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
     "read_xstest", "read_figstep", "write_jsonl", "read_vlguard", "read_llava_json", "group_queries",
+    "named_set", "NAMED_SETS",
     "Unlearner", "UnlearnConfig", "UnlearningMethod",
     "evaluate", "RefusalJudge", "KnowledgeJudge", "ModelJudge", "attack_success_rate", "over_refusal_rate",
     "register_method", "mean_nll", "trainer_loss",
