@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from unlearn_engine.api.data import Record
+from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, RETAIN
 from unlearn_engine.unlearning_loss import rmu_loss
 
@@ -111,6 +112,33 @@ for _method in (FusedObjective("ga", "ga", None, "gradient ascent on the forget 
     register_method(_method)
 
 
+class _LayerTaken(Exception):
+    """Raised by layer_output's hook to end a forward once the steered layer's output is taken."""
+
+
+def layer_output(model, index: int, forward, *, stop: bool):
+    """(decoder layer `index`'s own output (B, T, H), what forward() returned) of one forward of `model`, taken by a
+    forward hook on language_model(model).layers[index], as both peers take it. Not hidden_states[index + 1]: at the
+    last layer that is the final norm's output. stop=True ends the forward at that layer (nothing after it is read;
+    forward() then returns None)."""
+    taken = []
+
+    def hook(module, args, output):
+        taken.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _LayerTaken
+
+    handle = language_model(model).layers[index].register_forward_hook(hook)
+    try:
+        result = forward()
+    except _LayerTaken:
+        result = None
+    finally:
+        handle.remove()
+    require(bool(taken), f"decoder layer {index} did not run in the model's forward")
+    return taken[0], result
+
+
 @register_method
 class RMU(UnlearningMethod):
     """Representation misdirection: layer `rmu_layer`'s forget activations pulled to a random control vector
@@ -145,13 +173,13 @@ class RMU(UnlearningMethod):
     def loss(self, run, forget, retain, step):
         c, batch = run.config, run.batch(forget, retain, step)
 
-        def layer_out(model):
-            out = model.base_model(input_ids=batch["input_ids"], output_hidden_states=True, **run.model_inputs(batch))
-            return out.hidden_states[c.rmu_layer + 1]
+        def forward(model):
+            return lambda: model.base_model(input_ids=batch["input_ids"], **run.model_inputs(batch))
 
-        acts = layer_out(run.model)
+        # the layers after the steered one are not run (under FSDP2 the whole forward is, for its hooks)
+        acts, _ = layer_output(run.model, c.rmu_layer, forward(run.model), stop=not getattr(run, "fsdp", False))
         with torch.no_grad():
-            ref_acts = layer_out(run.ref_model)
+            ref_acts, _ = layer_output(run.ref_model, c.rmu_layer, forward(run.ref_model), stop=True)
         # rows: every attended position (padding counts in neither term), or only the labelled (answer) positions
         rows = batch["attention_mask"].bool() if c.rmu_tokens == "attended" else batch["labels"] != -100
         roles = torch.tensor(run.host_roles(batch), device=rows.device)

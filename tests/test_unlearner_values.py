@@ -87,8 +87,10 @@ def _layer_outputs(model, batch, layer):
     return captured["h"]
 
 
-def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
-    """Catches RMU counting padding positions (forget or retain term): step-1 loss equals
+@pytest.mark.parametrize("layer", [0, 1])
+def test_rmu_step1_loss_excludes_padding(tiny_llava_dir, layer):
+    """Catches RMU counting padding positions (forget or retain term), or steering anything but the decoder
+    layer's own output (layer 1 is the last: hidden_states[2] there is the final norm's): step-1 loss equals
     mean over real forget tokens of (a - c)^2 + alpha * mean over real retain tokens of (a - a_ref)^2."""
     model, tok = _load(tiny_llava_dir)
     ref, _ = _load(tiny_llava_dir)
@@ -99,10 +101,10 @@ def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
     batch = encode(list(FORGET) + list(RETAIN), tok)
     mask = batch["attention_mask"].bool()
     assert not mask.all(), "the records must have unequal lengths so that padding exists"
-    acts, ref_acts = _layer_outputs(model, batch, 0), _layer_outputs(ref, batch, 0)
+    acts, ref_acts = _layer_outputs(model, batch, layer), _layer_outputs(ref, batch, layer)
     alpha, coeff = 10.0, 1.0  # a small control keeps the forget term from swamping the retain term
-    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=0, rmu_coeff=coeff, rmu_alpha=alpha,
-                             steps=1, lr=1e-3, batch_size=8, progress=False)
+    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=layer, rmu_coeff=coeff,
+                             rmu_alpha=alpha, steps=1, lr=1e-3, batch_size=8, progress=False)
     record = unlearner.fit(FORGET, RETAIN)[0]
     control = unlearner.method.control(unlearner).double()
     assert float(control.norm()) == pytest.approx(coeff, rel=1e-5) and bool((control >= 0).all())
