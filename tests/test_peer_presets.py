@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import re
+import types
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import unlearn_engine as ue
 from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.methods import PRESETS, RMU, language_model, resolve_settings
-from unlearn_engine.api.unlearner import Unlearner
+from unlearn_engine.api.unlearner import HeadLoss, Unlearner
 
 transformers = pytest.importorskip("transformers")
 
@@ -305,15 +306,19 @@ def ou_activation_loss_literal(acts, target, mask):
 
 
 def rmu_run(model, ref, batch, **config):
-    """Just what RMU.loss reads of the Unlearner."""
+    """Just what RMU.loss reads of the Unlearner (its fused_loss too, for the retain NLL)."""
     class Run:
         pass
     run = Run()
     config.setdefault("rmu_layer", 1)
     run.config = UnlearnConfig(method="rmu", **config).validate()
     run.model, run.ref_model, run.device = model, ref, torch.device("cpu")
+    kinds = {ue.FORGET: "f", ue.RETAIN: "r", ue.IGNORE: "x"}
+    batch = dict(batch, ids=[(kinds[role], i) for i, role in enumerate(batch["role_list"])])
     run.batch = lambda forget, retain, step: batch
     run.model_inputs, run.host_roles = Unlearner.model_inputs, Unlearner.host_roles
+    run.head_loss, run._forget_nll = HeadLoss(model.get_output_embeddings()), {}
+    run.fused_loss, run._hidden = (types.MethodType(f, run) for f in (Unlearner.fused_loss, Unlearner._hidden))
     return run
 
 
@@ -328,31 +333,42 @@ def ou_rmu(model, ref, batch, control, hp, activation_loss=ou_activation_loss, a
 
 
 def sm_rmu(model, ref, batch, control, hp):
-    """Safety Mirage compute_unlearn_loss + compute_retain_loss: mse_loss over every element of the rows (its
-    padding positions are left out here, as in ours: see the README)."""
+    """Safety Mirage training_step (llava_unlearn_full_trainer.py): compute_unlearn_loss, + compute_retain_loss
+    only when rmu_retain_alpha != 0, + rmu_llava_loss_weight * the model loss of a retain batch. mse_loss over every
+    element of the rows (its padding positions are left out here, as in ours: see the README); their NLL batch is
+    drawn apart from the retain activation batch, here both are the same retain samples."""
     f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
-    fa, ra = peer_layer_acts(model, f, LAYER_1), peer_layer_acts(model, r, LAYER_1)
-    with torch.no_grad():
-        rr = peer_layer_acts(ref, r, LAYER_1)
+    fa = peer_layer_acts(model, f, LAYER_1)
     fm, rm = f["attention_mask"].bool(), r["attention_mask"].bool()
-    forget = F.mse_loss(fa[fm], control.expand_as(fa)[fm])
-    return forget + hp["rmu_retain_alpha"] * F.mse_loss(ra[rm], rr[rm])
+    loss = F.mse_loss(fa[fm], control.expand_as(fa)[fm])
+    if hp["rmu_retain_alpha"] != 0:
+        ra = peer_layer_acts(model, r, LAYER_1)
+        with torch.no_grad():
+            rr = peer_layer_acts(ref, r, LAYER_1)
+        loss = loss + hp["rmu_retain_alpha"] * F.mse_loss(ra[rm], rr[rm])
+    return loss + hp["rmu_llava_loss_weight"] * model_loss(model, r)
 
 
-@pytest.mark.parametrize("preset,peer,hp", [
-    ("open-unlearning", ou_rmu, dict(gamma=1.0, alpha=1.0)),
-    ("safety-mirage", sm_rmu, dict(rmu_retain_alpha=1.0)),
-])
-def test_rmu_preset_equals_peer_formula(models, preset, peer, hp):
+@pytest.mark.parametrize("preset,given,peer,hp,coeff", [
+    ("open-unlearning", {}, ou_rmu, dict(gamma=1.0, alpha=1.0), 2.0),
+    # their trainer's defaults: no retain activation term, NLL of a retain batch at weight 1, steering 300
+    ("safety-mirage", {}, sm_rmu, dict(rmu_retain_alpha=0.0, rmu_llava_loss_weight=1.0), 300.0),
+    ("safety-mirage", dict(rmu_alpha=1.0, rmu_nll_weight=0.5), sm_rmu,
+     dict(rmu_retain_alpha=1.0, rmu_llava_loss_weight=0.5), 300.0),
+], ids=["open-unlearning", "safety-mirage", "safety-mirage-alpha1-nll0.5"])
+def test_rmu_preset_equals_peer_formula(models, preset, given, peer, hp, coeff):
     """At rmu_layer 1, the last decoder layer of the model: the peers hook the layer's own output."""
     model, ref = models
     batch = make_batch([s for s in SAMPLES if s[2] > 0])  # (RMU: the Unlearner skips records left unlabelled)
-    run = rmu_run(model, ref, batch, preset=preset)
+    run = rmu_run(model, ref, batch, preset=preset, **given)
     control = RMU().control(run)
-    assert float(control.norm()) == pytest.approx(2.0 if preset == "open-unlearning" else 10.0, rel=1e-5)
-    ours, _ = RMU().loss(run, [], [], 0)
+    assert float(control.norm()) == pytest.approx(coeff, rel=1e-5)
+    ours, stats = RMU().loss(run, [], [], 0)
     assert not any(layer._forward_hooks for layer in model.base_model.layers), "the hook was left on the layer"
     assert_same_loss_and_grads(model, ours, peer(model, ref, batch, control, hp))
+    if run.config.rmu_nll_weight > 0:  # the stat: the mean over retain samples of each one's mean token NLL
+        nll, n = token_nll(model, sub_batch(batch, ue.RETAIN))
+        assert stats["retain_nll"] == pytest.approx((nll.sum(1) / n).mean().item(), rel=1e-5)
 
 
 def test_rmu_weights_win_and_literal_open_unlearning_at_equal_lengths(models):
@@ -407,20 +423,41 @@ def test_rmu_last_layer_is_the_layers_own_output(models, kind):
     assert_same_loss_and_grads(model, ours, ou_rmu(model, ref, batch, control, hp))
 
 
-def test_rmu_without_preset_is_unchanged(models):
-    """No preset: today's RMU, every attended row of the batch weighing the same, alpha 10."""
+@pytest.mark.parametrize("nll_weight", [0.0, 0.7])
+def test_rmu_without_preset(models, nll_weight):
+    """No preset: every attended row of the batch weighing the same, alpha 10, and rmu_nll_weight times the
+    retain samples' pooled token-mean NLL (retain_pooling batch, retain_normalize mean: RMU's own defaults)."""
     model, ref = models
     batch = make_batch([s for s in SAMPLES if s[2] > 0])
-    run = rmu_run(model, ref, batch, rmu_coeff=5.0)
+    run = rmu_run(model, ref, batch, rmu_coeff=5.0, rmu_nll_weight=nll_weight)
     control = RMU().control(run)
-    ours, _ = RMU().loss(run, [], [], 0)
+    ours, stats = RMU().loss(run, [], [], 0)
     acts = peer_layer_acts(model, batch, LAYER_1)
     with torch.no_grad():
         ref_acts = peer_layer_acts(ref, batch, LAYER_1)
     mask, roles = batch["attention_mask"].bool(), batch["roles"]
     fm, rm = mask & (roles == ue.FORGET)[:, None], mask & (roles == ue.RETAIN)[:, None]
     want = F.mse_loss(acts[fm], control.expand_as(acts)[fm]) + 10.0 * F.mse_loss(acts[rm], ref_acts[rm])
+    if nll_weight:
+        want = want + nll_weight * model_loss(model, sub_batch(batch, ue.RETAIN))
     assert_same_loss_and_grads(model, ours, want)
+    assert set(stats) == ({"forget_nll", "retain_nll"} if nll_weight else set())
+
+
+def test_rmu_settings_of_the_presets():
+    """safety-mirage fills their trainer's defaults (steering 300, retain alpha 0, llava loss weight 1); a value
+    given wins; no preset: no NLL term; a negative weight is refused."""
+    c = UnlearnConfig(method="rmu", preset="safety-mirage").validate()
+    assert (c.rmu_coeff, c.rmu_alpha, c.rmu_nll_weight, c.retain_pooling, c.retain_normalize) == \
+        (300.0, 0.0, 1.0, "batch", "mean")
+    assert {"rmu_coeff", "rmu_alpha", "rmu_nll_weight"} <= set(c.filled_in())
+    c = UnlearnConfig(method="rmu", preset="safety-mirage", rmu_nll_weight=0.25).validate()
+    assert c.rmu_nll_weight == 0.25 and "rmu_nll_weight" not in c.filled_in()
+    c = UnlearnConfig(method="rmu", preset="open-unlearning").validate()
+    assert (c.rmu_coeff, c.rmu_alpha, c.rmu_nll_weight) == (2.0, 1.0, 0.0)
+    assert UnlearnConfig(method="rmu").validate().rmu_nll_weight == 0.0
+    with pytest.raises(ValueError, match="rmu_nll_weight must be >= 0, got -1.0"):
+        UnlearnConfig(method="rmu", rmu_nll_weight=-1.0).validate()
 
 
 def test_presets_table_is_what_the_readme_documents():
