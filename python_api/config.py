@@ -65,6 +65,9 @@ class UnlearnConfig:
     rmu_layer: int = setting(1, "RMU: steer this decoder layer's output; train down_proj of the 3 layers up to it")
     rmu_coeff: float = setting(None, "RMU: norm of the control vector (unset: the preset's, else 20)")
     rmu_alpha: float = setting(None, "RMU: weight of the retain term (unset: the preset's, else 10)")
+    rmu_nll_weight: float = setting(None, "RMU: weight of the NLL of the batch's retain samples, pooled as "
+                                          "retain_pooling / retain_normalize say (Safety Mirage's "
+                                          "rmu_llava_loss_weight; unset: the preset's, else 0)")
     rmu_tokens: str = setting(None, "RMU: rows compared, 'attended' (every non-padding position) or 'labelled' "
                                     "(answer positions) (unset: the preset's, else 'attended')", RMU_TOKENS)
     nll_bound: float = setting(None, "divergence guard: stop ascending a forget sample once its NLL passes this "
@@ -130,8 +133,8 @@ class UnlearnConfig:
         for name in ("lr", "beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("forget_weight", "retain_weight", "retain_npo_weight", "rmu_alpha", "weight_decay", "nll_bound",
-                     "checkpoint_every", "rmu_layer", "keep_checkpoints"):
+        for name in ("forget_weight", "retain_weight", "retain_npo_weight", "rmu_alpha", "rmu_nll_weight",
+                     "weight_decay", "nll_bound", "checkpoint_every", "rmu_layer", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.mask_fraction <= 1:

@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from unlearn_engine.api.data import Record
+from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, RETAIN
 from unlearn_engine.unlearning_loss import rmu_loss
 
@@ -111,11 +112,38 @@ for _method in (FusedObjective("ga", "ga", None, "gradient ascent on the forget 
     register_method(_method)
 
 
+class _LayerTaken(Exception):
+    """Raised by layer_output's hook to end a forward once the steered layer's output is taken."""
+
+
+def layer_output(model, index: int, forward, *, stop: bool):
+    """(decoder layer `index`'s own output (B, T, H), what forward() returned) of one forward of `model`, taken by a
+    forward hook on language_model(model).layers[index], as both peers take it. Not hidden_states[index + 1]: at the
+    last layer that is the final norm's output. stop=True ends the forward at that layer (nothing after it is read;
+    forward() then returns None)."""
+    taken = []
+
+    def hook(module, args, output):
+        taken.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _LayerTaken
+
+    handle = language_model(model).layers[index].register_forward_hook(hook)
+    try:
+        result = forward()
+    except _LayerTaken:
+        result = None
+    finally:
+        handle.remove()
+    require(bool(taken), f"decoder layer {index} did not run in the model's forward")
+    return taken[0], result
+
+
 @register_method
 class RMU(UnlearningMethod):
     """Representation misdirection: layer `rmu_layer`'s forget activations pulled to a random control vector
-    of norm rmu_coeff, retain activations held to the frozen model's (weight rmu_alpha); only down_proj of
-    layers rmu_layer-2..rmu_layer (and the projector) are trained."""
+    of norm rmu_coeff, retain activations held to the frozen model's (weight rmu_alpha), plus rmu_nll_weight times
+    the retain samples' NLL; only down_proj of layers rmu_layer-2..rmu_layer (and the projector) are trained."""
 
     name = "rmu"
     description = "steer a layer's forget activations to a random direction, hold retain activations"
@@ -145,21 +173,32 @@ class RMU(UnlearningMethod):
     def loss(self, run, forget, retain, step):
         c, batch = run.config, run.batch(forget, retain, step)
 
-        def layer_out(model):
-            out = model.base_model(input_ids=batch["input_ids"], output_hidden_states=True, **run.model_inputs(batch))
-            return out.hidden_states[c.rmu_layer + 1]
+        def forward(model):
+            return lambda: model.base_model(input_ids=batch["input_ids"], **run.model_inputs(batch))
 
-        acts = layer_out(run.model)
-        with torch.no_grad():
-            ref_acts = layer_out(run.ref_model)
+        nll, stats = None, {}
+        if c.rmu_nll_weight > 0:
+            # one full forward: the hook takes the layer's output, the fused loss the retain samples' NLL (the
+            # forget samples weigh 0 there; their NLL is only reported)
+            acts, (nll, stats) = layer_output(run.model, c.rmu_layer, lambda: run.fused_loss(
+                batch, forget="ga", retain="nll", forget_weight=0.0, retain_weight=c.rmu_nll_weight, guard=False,
+                retain_pooling=c.retain_pooling, retain_normalize=c.retain_normalize), stop=False)
+        else:  # the layers after the steered one are not run (under FSDP2 the whole forward is, for its hooks)
+            acts, _ = layer_output(run.model, c.rmu_layer, forward(run.model), stop=not getattr(run, "fsdp", False))
         # rows: every attended position (padding counts in neither term), or only the labelled (answer) positions
         rows = batch["attention_mask"].bool() if c.rmu_tokens == "attended" else batch["labels"] != -100
         roles = torch.tensor(run.host_roles(batch), device=rows.device)
         f_rows, r_rows = rows & (roles == FORGET)[:, None], rows & (roles == RETAIN)[:, None]
         control = self.control(run)
         forget_act = weighted_rows(acts, control, f_rows, c.forget_pooling, c.forget_weight)
-        retain_act = weighted_rows(acts, ref_acts, r_rows, c.retain_pooling, 1.0)
-        return rmu_loss(forget_act, control, retain_act, ref_acts[r_rows], alpha=c.rmu_alpha), {}
+        if c.rmu_alpha > 0:
+            with torch.no_grad():
+                ref_acts, _ = layer_output(run.ref_model, c.rmu_layer, forward(run.ref_model), stop=True)
+            retain_act, retain_ref = weighted_rows(acts, ref_acts, r_rows, c.retain_pooling, 1.0), ref_acts[r_rows]
+        else:  # no retain activation term (Safety Mirage's default): the frozen model is not run
+            retain_act = retain_ref = acts.new_zeros(0, acts.shape[-1])
+        loss = rmu_loss(forget_act, control, retain_act, retain_ref, alpha=c.rmu_alpha)
+        return (loss if nll is None else loss + nll), stats
 
 
 def weighted_rows(acts, target, rows, pooling: str, weight: float):
@@ -210,7 +249,8 @@ class Textual(UnlearningMethod):
 # The loss settings a preset or a method may set, and their values when neither does.
 SETTING_DEFAULTS = dict(beta=0.1, delta=0.0, forget_weight=1.0, retain_weight=1.0, retain_npo_weight=0.0,
                         forget_pooling="sample", retain_pooling="sample", forget_normalize="mean",
-                        retain_normalize="mean", rmu_coeff=20.0, rmu_alpha=10.0, rmu_tokens="attended", nll_bound=15.0)
+                        retain_normalize="mean", rmu_coeff=20.0, rmu_alpha=10.0, rmu_nll_weight=0.0,
+                        rmu_tokens="attended", nll_bound=15.0)
 # Neither peer has our divergence guard (a forget sample stops being ascended once its NLL passes nll_bound): a
 # preset turns it off unless the user sets nll_bound.
 NO_GUARD = dict(nll_bound=math.inf)
@@ -235,14 +275,18 @@ PRESETS = {
         "rmu": dict(**NO_GUARD, rmu_tokens="labelled", forget_pooling="sample", retain_pooling="sample",
                     forget_weight=1.0, rmu_alpha=1.0, rmu_coeff=2.0),
     },
-    "safety-mirage": {  # OPTML-Group/VLM-Safety-Unlearn, LLaVAUnlearnTrainer.training_step, scripts/v1_5/*.sh
+    "safety-mirage": {  # OPTML-Group/VLM-Safety-Unlearn, LLaVAUnlearnTrainer.training_step (llava/train/
+        # llava_unlearn_full_trainer.py), defaults of llava/train/train_unlearn_full.py, scripts/v1_5/*.sh
         # NPO: one softplus of the batch-pooled token mean (model loss); npo_beta 0.9, npo_forget_alpha 1,
         # npo_llava_loss_weight 1 (retain NLL), npo_retain_alpha 1 (retain-side NPO), as finetune_unlearn_npo.sh
         "npo": dict(**NO_GUARD, beta=0.9, forget_pooling="batch", forget_normalize="mean", retain_pooling="batch",
                     retain_normalize="mean", forget_weight=1.0, retain_weight=1.0, retain_npo_weight=1.0),
-        # RMU: mse_loss over every activation element of the batch; rmu_steering_coeffs 10, rmu_retain_alpha 1
+        # RMU: mse_loss over every activation element of the batch + rmu_llava_loss_weight * the model loss of a
+        # retain batch (pooled token mean). The trainer's own defaults (train_unlearn_full.py): rmu_steering_coeffs
+        # "300", rmu_retain_alpha 0.0 (no retain activation term), rmu_llava_loss_weight 1.0; the 10 / 1 of
+        # finetune_unlearn.sh belong to a script that runs --unlearn_type npo
         "rmu": dict(**NO_GUARD, rmu_tokens="attended", forget_pooling="batch", retain_pooling="batch",
-                    forget_weight=1.0, rmu_alpha=1.0, rmu_coeff=10.0),
+                    retain_normalize="mean", forget_weight=1.0, rmu_alpha=0.0, rmu_coeff=300.0, rmu_nll_weight=1.0),
     },
 }
 PRESET_NAMES = ("none", *PRESETS)

@@ -58,7 +58,8 @@ def trainer_loss(model: torch.nn.Module, inputs: dict, *, forget: str = "ga", re
         beta=beta, delta=delta, forget_weight=forget_weight, retain_weight=retain_weight,
         retain_npo_weight=retain_npo_weight, forget_pooling=forget_pooling, retain_pooling=retain_pooling,
         forget_normalize=forget_normalize, retain_normalize=retain_normalize))
-    for name in ("rmu_coeff", "rmu_alpha", "rmu_tokens", "nll_bound"):  # settings of the Unlearner, not the loss
+    # settings of the Unlearner, not the loss
+    for name in ("rmu_coeff", "rmu_alpha", "rmu_nll_weight", "rmu_tokens", "nll_bound"):
         settings.pop(name)
     extra = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     hidden, labels, sample_index = causal_lm_hidden(model, inputs["input_ids"], inputs["labels"], **extra)

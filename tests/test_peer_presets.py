@@ -12,6 +12,8 @@ NPO term or NaN; our contract leaves it out)."""
 import copy
 import dataclasses
 import json
+import re
+import types
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 
 import unlearn_engine as ue
 from unlearn_engine.api.config import UnlearnConfig
-from unlearn_engine.api.methods import PRESETS, RMU, resolve_settings
-from unlearn_engine.api.unlearner import Unlearner
+from unlearn_engine.api.methods import PRESETS, RMU, language_model, resolve_settings
+from unlearn_engine.api.unlearner import HeadLoss, Unlearner
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,8 +50,9 @@ def models():
     return model.train(), ref
 
 
-def make_batch(samples):
-    """Right-padded (B, T) batch: prompt tokens unlabelled, answer tokens labelled, padding masked out."""
+def make_batch(samples, tokens=None):
+    """Right-padded (B, T) batch: prompt tokens unlabelled, answer tokens labelled, padding masked out; token ids
+    drawn from `tokens` (a list) when given, else from 1..VOCAB-1."""
     g = torch.Generator().manual_seed(11)
     b = len(samples)
     input_ids = torch.zeros(b, T, dtype=torch.int64)
@@ -57,7 +60,10 @@ def make_batch(samples):
     labels = torch.full((b, T), -100)
     for i, (_, prompt, answer) in enumerate(samples):
         length = prompt + answer
-        input_ids[i, :length] = torch.randint(1, VOCAB, (length,), generator=g)
+        if tokens is None:
+            input_ids[i, :length] = torch.randint(1, VOCAB, (length,), generator=g)
+        else:
+            input_ids[i, :length] = torch.tensor(tokens)[torch.randint(len(tokens), (length,), generator=g)]
         attention[i, :length] = 1
         labels[i, prompt:length] = input_ids[i, prompt:length]
     roles = torch.tensor([role for role, _, _ in samples])
@@ -262,9 +268,27 @@ def test_unlearn_config_preset_resolution():
 
 
 # ----------------------------------------------------------------------------- RMU
-def layer_acts(model, inputs, layer):
+def peer_layer_acts(model, inputs, module_regex):
+    """The peers' forward_with_cache: a forward hook on the one module whose name fully matches module_regex
+    (open-unlearning's module_regex; Safety Mirage's base_model.layers[rmu_layer_id]), output[0] of a tuple, during
+    the full model's forward."""
+    (layer,) = [m for name, m in model.named_modules() if re.fullmatch(module_regex, name)]
+    cache = []
+    handle = layer.register_forward_hook(lambda m, args, out: cache.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    finally:
+        handle.remove()
+    return cache[0]
+
+
+def hidden_states_acts(model, inputs, layer):
+    """What RMU read before issue 25: hidden_states[layer + 1], the final norm's output at the last layer."""
     return model.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                             output_hidden_states=True).hidden_states[layer + 1]
+
+
+LAYER_1 = r"model\.layers\.1"  # the last decoder layer of tiny_llama (open-unlearning's module_regex form)
 
 
 def ou_activation_loss(acts, target, mask):
@@ -282,50 +306,69 @@ def ou_activation_loss_literal(acts, target, mask):
 
 
 def rmu_run(model, ref, batch, **config):
-    """Just what RMU.loss reads of the Unlearner."""
+    """Just what RMU.loss reads of the Unlearner (its fused_loss too, for the retain NLL)."""
     class Run:
         pass
     run = Run()
-    run.config = UnlearnConfig(method="rmu", rmu_layer=1, **config).validate()
+    config.setdefault("rmu_layer", 1)
+    run.config = UnlearnConfig(method="rmu", **config).validate()
     run.model, run.ref_model, run.device = model, ref, torch.device("cpu")
+    kinds = {ue.FORGET: "f", ue.RETAIN: "r", ue.IGNORE: "x"}
+    batch = dict(batch, ids=[(kinds[role], i) for i, role in enumerate(batch["role_list"])])
     run.batch = lambda forget, retain, step: batch
     run.model_inputs, run.host_roles = Unlearner.model_inputs, Unlearner.host_roles
+    run.head_loss, run._forget_nll = HeadLoss(model.get_output_embeddings()), {}
+    run.fused_loss, run._hidden = (types.MethodType(f, run) for f in (Unlearner.fused_loss, Unlearner._hidden))
     return run
 
 
-def ou_rmu(model, ref, batch, control, hp, activation_loss=ou_activation_loss):
+def ou_rmu(model, ref, batch, control, hp, activation_loss=ou_activation_loss, acts=None):
+    acts = acts or (lambda m, x: peer_layer_acts(m, x, hp.get("module_regex", LAYER_1)))
     f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
-    forget = activation_loss(layer_acts(model, f, 1), control, f["labels"] != -100)
+    forget = activation_loss(acts(model, f), control, f["labels"] != -100)
     with torch.no_grad():
-        ref_acts = layer_acts(ref, r, 1)
-    retain = activation_loss(layer_acts(model, r, 1), ref_acts, r["labels"] != -100)
+        ref_acts = acts(ref, r)
+    retain = activation_loss(acts(model, r), ref_acts, r["labels"] != -100)
     return hp["gamma"] * forget + hp["alpha"] * retain
 
 
 def sm_rmu(model, ref, batch, control, hp):
-    """Safety Mirage compute_unlearn_loss + compute_retain_loss: mse_loss over every element of the rows (its
-    padding positions are left out here, as in ours: see the README)."""
+    """Safety Mirage training_step (llava_unlearn_full_trainer.py): compute_unlearn_loss, + compute_retain_loss
+    only when rmu_retain_alpha != 0, + rmu_llava_loss_weight * the model loss of a retain batch. mse_loss over every
+    element of the rows (its padding positions are left out here, as in ours: see the README); their NLL batch is
+    drawn apart from the retain activation batch, here both are the same retain samples."""
     f, r = sub_batch(batch, ue.FORGET), sub_batch(batch, ue.RETAIN)
-    fa, ra = layer_acts(model, f, 1), layer_acts(model, r, 1)
-    with torch.no_grad():
-        rr = layer_acts(ref, r, 1)
+    fa = peer_layer_acts(model, f, LAYER_1)
     fm, rm = f["attention_mask"].bool(), r["attention_mask"].bool()
-    forget = F.mse_loss(fa[fm], control.expand_as(fa)[fm])
-    return forget + hp["rmu_retain_alpha"] * F.mse_loss(ra[rm], rr[rm])
+    loss = F.mse_loss(fa[fm], control.expand_as(fa)[fm])
+    if hp["rmu_retain_alpha"] != 0:
+        ra = peer_layer_acts(model, r, LAYER_1)
+        with torch.no_grad():
+            rr = peer_layer_acts(ref, r, LAYER_1)
+        loss = loss + hp["rmu_retain_alpha"] * F.mse_loss(ra[rm], rr[rm])
+    return loss + hp["rmu_llava_loss_weight"] * model_loss(model, r)
 
 
-@pytest.mark.parametrize("preset,peer,hp", [
-    ("open-unlearning", ou_rmu, dict(gamma=1.0, alpha=1.0)),
-    ("safety-mirage", sm_rmu, dict(rmu_retain_alpha=1.0)),
-])
-def test_rmu_preset_equals_peer_formula(models, preset, peer, hp):
+@pytest.mark.parametrize("preset,given,peer,hp,coeff", [
+    ("open-unlearning", {}, ou_rmu, dict(gamma=1.0, alpha=1.0), 2.0),
+    # their trainer's defaults: no retain activation term, NLL of a retain batch at weight 1, steering 300
+    ("safety-mirage", {}, sm_rmu, dict(rmu_retain_alpha=0.0, rmu_llava_loss_weight=1.0), 300.0),
+    ("safety-mirage", dict(rmu_alpha=1.0, rmu_nll_weight=0.5), sm_rmu,
+     dict(rmu_retain_alpha=1.0, rmu_llava_loss_weight=0.5), 300.0),
+], ids=["open-unlearning", "safety-mirage", "safety-mirage-alpha1-nll0.5"])
+def test_rmu_preset_equals_peer_formula(models, preset, given, peer, hp, coeff):
+    """At rmu_layer 1, the last decoder layer of the model: the peers hook the layer's own output."""
     model, ref = models
     batch = make_batch([s for s in SAMPLES if s[2] > 0])  # (RMU: the Unlearner skips records left unlabelled)
-    run = rmu_run(model, ref, batch, preset=preset)
+    run = rmu_run(model, ref, batch, preset=preset, **given)
     control = RMU().control(run)
-    assert float(control.norm()) == pytest.approx(2.0 if preset == "open-unlearning" else 10.0, rel=1e-5)
-    ours, _ = RMU().loss(run, [], [], 0)
+    assert float(control.norm()) == pytest.approx(coeff, rel=1e-5)
+    ours, stats = RMU().loss(run, [], [], 0)
+    assert not any(layer._forward_hooks for layer in model.base_model.layers), "the hook was left on the layer"
     assert_same_loss_and_grads(model, ours, peer(model, ref, batch, control, hp))
+    if run.config.rmu_nll_weight > 0:  # the stat: the mean over retain samples of each one's mean token NLL
+        nll, n = token_nll(model, sub_batch(batch, ue.RETAIN))
+        assert stats["retain_nll"] == pytest.approx((nll.sum(1) / n).mean().item(), rel=1e-5)
 
 
 def test_rmu_weights_win_and_literal_open_unlearning_at_equal_lengths(models):
@@ -341,20 +384,80 @@ def test_rmu_weights_win_and_literal_open_unlearning_at_equal_lengths(models):
                                                    activation_loss=ou_activation_loss_literal))
 
 
-def test_rmu_without_preset_is_unchanged(models):
-    """No preset: today's RMU, every attended row of the batch weighing the same, alpha 10."""
-    model, ref = models
-    batch = make_batch([s for s in SAMPLES if s[2] > 0])
-    run = rmu_run(model, ref, batch, rmu_coeff=5.0)
+def _vlm(kind):
+    """(model, its frozen copy, tokens to draw, open-unlearning's module_regex for its last decoder layer)."""
+    from unlearn_engine.api.demo.toy import qwen_tokenizer, tiny_llava, tiny_qwen2_vl, word_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    if kind == "llava":
+        tok = word_tokenizer(words)
+        model = tiny_llava(tok).float()
+    else:
+        tok = qwen_tokenizer(words)
+        model = tiny_qwen2_vl(tok, version=kind[len("qwen"):]).float()
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.train(), ref, tok.convert_tokens_to_ids(words), r"model\.language_model\.layers\.1"
+
+
+@pytest.mark.parametrize("kind", ["llama", "llava", "qwen2", "qwen2.5"])
+def test_rmu_last_layer_is_the_layers_own_output(models, kind):
+    """Issue 25: at the last decoder layer RMU steers the layer's own output (as the peers' hook takes it), not
+    hidden_states[rmu_layer + 1] (the final norm's output); the layer is found in LLaVA's and Qwen-VL's language
+    model as in a plain causal LM."""
+    if kind == "llama":
+        (model, ref), tokens, regex = models, None, LAYER_1
+    else:
+        model, ref, tokens, regex = _vlm(kind)
+    batch = make_batch([s for s in SAMPLES if s[2] > 0], tokens=tokens)
+    run = rmu_run(model, ref, batch, preset="open-unlearning", rmu_layer=1)
+    assert len(language_model(model).layers) == 2
     control = RMU().control(run)
     ours, _ = RMU().loss(run, [], [], 0)
-    acts = layer_acts(model, batch, 1)
+    hp = dict(gamma=1.0, alpha=1.0, module_regex=regex)
+    old = ou_rmu(model, ref, batch, control, hp, acts=lambda m, x: hidden_states_acts(m, x, 1))
+    assert abs(ours.item() - old.item()) > 0.5 * ours.item(), (ours.item(), old.item())
+    assert_same_loss_and_grads(model, ours, ou_rmu(model, ref, batch, control, hp))
+
+
+@pytest.mark.parametrize("nll_weight", [0.0, 0.7])
+def test_rmu_without_preset(models, nll_weight):
+    """No preset: every attended row of the batch weighing the same, alpha 10, and rmu_nll_weight times the
+    retain samples' pooled token-mean NLL (retain_pooling batch, retain_normalize mean: RMU's own defaults)."""
+    model, ref = models
+    batch = make_batch([s for s in SAMPLES if s[2] > 0])
+    run = rmu_run(model, ref, batch, rmu_coeff=5.0, rmu_nll_weight=nll_weight)
+    control = RMU().control(run)
+    ours, stats = RMU().loss(run, [], [], 0)
+    acts = peer_layer_acts(model, batch, LAYER_1)
     with torch.no_grad():
-        ref_acts = layer_acts(ref, batch, 1)
+        ref_acts = peer_layer_acts(ref, batch, LAYER_1)
     mask, roles = batch["attention_mask"].bool(), batch["roles"]
     fm, rm = mask & (roles == ue.FORGET)[:, None], mask & (roles == ue.RETAIN)[:, None]
     want = F.mse_loss(acts[fm], control.expand_as(acts)[fm]) + 10.0 * F.mse_loss(acts[rm], ref_acts[rm])
+    if nll_weight:
+        want = want + nll_weight * model_loss(model, sub_batch(batch, ue.RETAIN))
     assert_same_loss_and_grads(model, ours, want)
+    assert set(stats) == ({"forget_nll", "retain_nll"} if nll_weight else set())
+
+
+def test_rmu_settings_of_the_presets():
+    """safety-mirage fills their trainer's defaults (steering 300, retain alpha 0, llava loss weight 1); a value
+    given wins; no preset: no NLL term; a negative weight is refused."""
+    c = UnlearnConfig(method="rmu", preset="safety-mirage").validate()
+    assert (c.rmu_coeff, c.rmu_alpha, c.rmu_nll_weight, c.retain_pooling, c.retain_normalize) == \
+        (300.0, 0.0, 1.0, "batch", "mean")
+    assert {"rmu_coeff", "rmu_alpha", "rmu_nll_weight"} <= set(c.filled_in())
+    c = UnlearnConfig(method="rmu", preset="safety-mirage", rmu_nll_weight=0.25).validate()
+    assert c.rmu_nll_weight == 0.25 and "rmu_nll_weight" not in c.filled_in()
+    c = UnlearnConfig(method="rmu", preset="open-unlearning").validate()
+    assert (c.rmu_coeff, c.rmu_alpha, c.rmu_nll_weight) == (2.0, 1.0, 0.0)
+    assert UnlearnConfig(method="rmu").validate().rmu_nll_weight == 0.0
+    with pytest.raises(ValueError, match="rmu_nll_weight must be >= 0, got -1.0"):
+        UnlearnConfig(method="rmu", rmu_nll_weight=-1.0).validate()
 
 
 def test_presets_table_is_what_the_readme_documents():

@@ -87,9 +87,23 @@ def _layer_outputs(model, batch, layer):
     return captured["h"]
 
 
-def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
-    """Catches RMU counting padding positions (forget or retain term): step-1 loss equals
-    mean over real forget tokens of (a - c)^2 + alpha * mean over real retain tokens of (a - a_ref)^2."""
+@torch.no_grad()
+def _pooled_nll(model, tok, records):
+    """The token-mean response NLL over all of `records` (one pool, as HF's model loss), from full logits."""
+    batch = encode(records, tok)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return float(-(token * keep).sum() / keep.sum())
+
+
+@pytest.mark.parametrize("layer,nll_weight", [(0, 0.0), (1, 0.0), (1, 0.5)])
+def test_rmu_step1_loss_excludes_padding(tiny_llava_dir, layer, nll_weight):
+    """Catches RMU counting padding positions (forget or retain term), or steering anything but the decoder
+    layer's own output (layer 1 is the last: hidden_states[2] there is the final norm's): step-1 loss equals
+    mean over real forget tokens of (a - c)^2 + alpha * mean over real retain tokens of (a - a_ref)^2
+    (+ rmu_nll_weight * the retain samples' pooled NLL)."""
     model, tok = _load(tiny_llava_dir)
     ref, _ = _load(tiny_llava_dir)
     g = torch.Generator().manual_seed(5)
@@ -99,18 +113,21 @@ def test_rmu_step1_loss_excludes_padding(tiny_llava_dir):
     batch = encode(list(FORGET) + list(RETAIN), tok)
     mask = batch["attention_mask"].bool()
     assert not mask.all(), "the records must have unequal lengths so that padding exists"
-    acts, ref_acts = _layer_outputs(model, batch, 0), _layer_outputs(ref, batch, 0)
+    acts, ref_acts = _layer_outputs(model, batch, layer), _layer_outputs(ref, batch, layer)
+    retain_nll = _pooled_nll(model, tok, RETAIN)
     alpha, coeff = 10.0, 1.0  # a small control keeps the forget term from swamping the retain term
-    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=0, rmu_coeff=coeff, rmu_alpha=alpha,
-                             steps=1, lr=1e-3, batch_size=8, progress=False)
+    unlearner = ue.Unlearner(model, tok, ref_model=ref, method="rmu", rmu_layer=layer, rmu_coeff=coeff,
+                             rmu_alpha=alpha, rmu_nll_weight=nll_weight, steps=1, lr=1e-3, batch_size=8,
+                             progress=False)
     record = unlearner.fit(FORGET, RETAIN)[0]
     control = unlearner.method.control(unlearner).double()
     assert float(control.norm()) == pytest.approx(coeff, rel=1e-5) and bool((control >= 0).all())
     n_f = len(FORGET)
     forget_term = (acts[:n_f][mask[:n_f]] - control).pow(2).mean()
     retain_term = (acts[n_f:][mask[n_f:]] - ref_acts[n_f:][mask[n_f:]]).pow(2).mean()
-    expected = float(forget_term + alpha * retain_term)
+    expected = float(forget_term + alpha * retain_term) + nll_weight * retain_nll
     assert record["loss"] == pytest.approx(expected, rel=1e-5), (record, expected)
+    assert ("retain_nll" in record) == (nll_weight > 0)
 
 
 def test_resume_restores_rng_state(tiny_llava_dir, tmp_path):
