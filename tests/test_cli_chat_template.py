@@ -57,3 +57,14 @@ def test_asr_without_a_template_warns_in_one_line(llava_model, tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith("unlearn-engine asr: warning: ") and "no chat template" in err[0]
     provenance = json.loads((out / "asr.json").read_text())["provenance"]
     assert provenance["chat_template"]["source"] == "none" and provenance["chat_template"]["sha256"] is None
+
+
+def test_unlearn_summary_records_the_template(llava_model, tmp_path, capsys):  # noqa: F811
+    """Catches the unlearn summary without the template its training samples were written with."""
+    path = _checkpoint(tmp_path, llava_model, "chat_template.json", LLAVA_HF)
+    ue.write_jsonl([ue.Record(QUESTION, "step one mix poison", "forget")], str(tmp_path / "f.jsonl"))
+    assert main(["unlearn", "--model", str(path), "--forget", str(tmp_path / "f.jsonl"), "--method", "ga", "--steps",
+                 "1", "--batch-size", "1", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chat_template"] == {"source": "chat_template.json", "sha256": sha(LLAVA_HF)}
