@@ -11,10 +11,12 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import torch
 
 from unlearn_engine._library import build_info
+from unlearn_engine.api.chat_template import chat_template_info
 from unlearn_engine.api.config import UnlearnConfig, choices_of, read_config_file
 from unlearn_engine.api.data import (
     VLGUARD_SUBSETS,
@@ -396,7 +398,7 @@ def _unlearn(args, prep):
         after["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
     save_vlm(model, os.path.join(out, "model"), processor=processor)  # the whole processor: image attacks need it
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after, "data": unlearner.data_report,
-               "model": os.path.join(out, "model")}
+               "chat_template": chat_template_info(tokenizer), "model": os.path.join(out, "model")}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -495,6 +497,7 @@ def _cmd_asr(args):
                                            batch_size=args.batch_size)
     provenance = _provenance(args, judge)
     model, tokenizer, image_processor = _load_model(args)
+    provenance["chat_template"] = chat_template_info(tokenizer)  # what every prompt was written with
     attacks = args.attacks.split(",")
     if "figstep" in attacks and image_processor is None and not is_qwen_vl(model):  # before any generation
         raise ValueError(f"--attacks figstep needs an image processor: --model {args.model} has none saved "
@@ -723,8 +726,22 @@ def build_parser():
 USER_ERRORS = (ValueError, OSError)
 
 
+def _one_line_warnings(command):
+    """warnings.showwarning for the command line: one line on stderr, "unlearn-engine CMD: warning: ...";
+    no source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"unlearn-engine {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    return show
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command)
+        return _run(args)
+
+
+def _run(args):
     try:
         args.prepared = _check_args(args)  # arguments, files and the output folder, before any model is loaded
         return args.func(args)

@@ -18,6 +18,7 @@ from typing import List, Sequence
 
 import torch
 
+from unlearn_engine.api.chat_template import IMAGE_MARK, exchange_ids, prompt_text  # noqa: F401 (prompt_text: API)
 from unlearn_engine.api.images import QwenImage, image_batch, image_pad_id
 from unlearn_engine.atomic import write_text
 
@@ -288,9 +289,6 @@ def group_queries(records: Sequence[Record]) -> List[List[Record]]:
     return queries
 
 
-IMAGE_MARK = "<image>"
-
-
 def read_llava_json(path: str, role: str = "forget", *, image_root: str | None = None) -> List[Record]:
     """LLaVA conversation JSON: [{id, image?, conversations: [{from: "human", value}, {from: "gpt", value},
     ...]}], turns alternating human, gpt, human, gpt, ...
@@ -298,10 +296,11 @@ def read_llava_json(path: str, role: str = "forget", *, image_root: str | None =
     One record per gpt turn, so every gpt answer is labelled and no human turn is: the response is that
     answer; the prompt is the dialogue before it, earlier turns written as "USER: q ASSISTANT: a" (LLaVA v1's
     own form) ahead of the last question, i.e. "q1 ASSISTANT: a1 USER: q2" for the second answer (encode then
-    wraps it in the prompt template). The <image> marker is removed from the text (encode puts the image
-    tokens first) and is allowed only in a record that has an image. Records of one conversation share its id
-    as `group`. With `image_root` each image is joined to it and must exist; without, the path is kept as
-    written. Errors name the file, the record index in the list and the field."""
+    puts it in one user turn of the chat template). The <image> marker is removed from the text (encode puts
+    the image's tokens where the template places an image) and is allowed only in a record that has an image.
+    Records of one conversation share its id as `group`. With `image_root` each image is joined to it and must
+    exist; without, the path is kept as written. Errors name the file, the record index in the list and the
+    field."""
     if role not in ROLE_NAMES:
         raise ValueError(f"role must be one of {ROLE_NAMES}, got {role!r}")
     records = []
@@ -359,48 +358,38 @@ def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
     return (height // unit) * (width // unit)
 
 
-def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The prompt as the model sees it: its chat template when it has one (with a system message when `system` is
-    given), else a plain [SYSTEM] USER/ASSISTANT form."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (f"{system} " if system is not None else "") + f"USER: {prompt} ASSISTANT:"
-
-
 def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image_loader=None,
            image_tokens: int = 0, stats: dict | None = None):
-    """Right-padded batch: input_ids, attention_mask, labels (-100 except on the response tokens + EOS).
+    """Right-padded batch: input_ids, attention_mask, labels (-100 except on the answer tokens).
+
+    Each record is written as the tokenizer's chat template writes a user/assistant exchange (chat_template
+    module): the BOS once, the prompt exactly as generation is given it, then the answer with the template's
+    end-of-turn token (the EOS where the template writes none); the labels are the answer's tokens. Without a
+    template: the plain form "USER: prompt ASSISTANT: response" + EOS.
 
     Records with an image need image_loader(record.image) (images.image_loader builds the right one for a
     model). LLaVA: it returns a (3, H, W) tensor and image_tokens is the number of <image> tokens one image
-    takes; the prompt is prefixed with them and pixel_values (B, 3, H, W) is added. Qwen2-VL / Qwen2.5-VL: it
-    returns an images.QwenImage; the prompt is prefixed with <|vision_start|>, its own number of <|image_pad|>
-    and <|vision_end|> (image_tokens is not used), and pixel_values (all patches), image_grid_thw and
-    mm_token_type_ids are added.
+    takes; they stand where the template places the image, and pixel_values (B, 3, H, W) is added.
+    Qwen2-VL / Qwen2.5-VL: it returns an images.QwenImage, shown as <|vision_start|>, its own number of
+    <|image_pad|> and <|vision_end|> (image_tokens is not used), and pixel_values (all patches), image_grid_thw
+    and mm_token_type_ids are added.
     A dict passed as `stats` receives, per record, "labelled" (labelled tokens kept after the max_length cut),
     "cut" (labelled tokens the cut removed) and "no_response" (the record has an empty response)."""
     if stats is not None:
         stats.update(labelled=[], cut=[], no_response=[])
     ids_list, label_list, pixels = [], [], []
     for r in records:
-        prompt = r.prompt
+        image = None
         if r.image:
             image = image_loader(r.image) if image_loader is not None else None
-            if isinstance(image, QwenImage):
-                prompt = image.text() + prompt
-            elif image is None or image_tokens < 1:
+            if image is None or (not isinstance(image, QwenImage) and image_tokens < 1):
                 raise ValueError(f"record {r.prompt!r} has an image: pass image_loader and image_tokens (a Qwen-VL "
                                  "model needs an image_loader that returns QwenImage: images.image_loader)")
-            else:
-                prompt = "<image> " * image_tokens + prompt
             pixels.append(image)
-        prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(" " + r.response if r.response else "", add_special_tokens=False)["input_ids"]
-        response_ids = response_ids + [tokenizer.eos_token_id]
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + prompt_ids + response_ids
-        labels = [-100] * (len(ids) - len(response_ids)) + response_ids
+        shown = None if image is None else image if isinstance(image, QwenImage) else image_tokens
+        prompt_ids, response_ids = exchange_ids(tokenizer, r.prompt, r.response, image=shown)
+        ids = prompt_ids + response_ids
+        labels = [-100] * len(prompt_ids) + response_ids
         ids_list.append(ids[:max_length])
         label_list.append(labels[:max_length])
         if stats is not None:

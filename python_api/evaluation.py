@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from unlearn_engine.api.data import Record, group_queries, image_tokens, prompt_text
+from unlearn_engine.api.chat_template import chat_template_info, prompt_ids, prompt_text
+from unlearn_engine.api.data import Record, group_queries, image_tokens
 from unlearn_engine.api.images import QwenImage, image_batch, image_input, image_loader, image_pad_id, is_qwen_vl
 from unlearn_engine.atomic import atomic_path, write_text
 from unlearn_engine.checks import require
@@ -269,7 +270,10 @@ class ModelJudge:
                                                       "shown images")
             loaded = [Image.open(i).convert("RGB") if isinstance(i, str) else i for i in images]
             pixel_values = self.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
-            prompts = ["<image> " * image_tokens(self.model) + p for p in prompts]
+            if self.generate_fn is None:  # one image per prompt, where the judge's chat template places it
+                encoded, pixel_values = list(pixel_values), None
+            else:  # generate_fn(prompts, pixel_values) takes prompts that hold the image tokens
+                prompts = ["<image> " * image_tokens(self.model) + p for p in prompts]
         if self.generate_fn is not None:
             return list(self.generate_fn(prompts, pixel_values if encoded is None else encoded))
         return generate(self.model, self.tokenizer, prompts, pixel_values=pixel_values, images=encoded,
@@ -370,6 +374,7 @@ class ModelJudge:
                 "irrelevant_phrases": list(self.irrelevant_phrases),
                 "unparsed": self.unparsed, "refusal": self.refusal.describe(), "images": self.takes_images,
                 "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+                "chat_template": None if self.tokenizer is None else chat_template_info(self.tokenizer),
                 "asked": len(asked), "unparsed_outputs": 0 if self.preset else sum(
                     parse_verdict(r["output"], self.verdict) is None for r in asked)}
 
@@ -440,26 +445,23 @@ def render_typographic(text: str, *, size: int = 336, steps: int = 3):
 
 
 # ---------------------------------------------------------------- generation
-def with_image(model, prompt: str, image) -> str:
-    """The prompt with its image's tokens in front: a QwenImage's vision start / pads / end, or LLaVA's
-    image_tokens(model) <image> tokens for a pixel tensor; the prompt itself when image is None."""
-    if image is None:
-        return prompt
-    if isinstance(image, QwenImage):
-        return image.text() + prompt
-    return "<image> " * image_tokens(model) + prompt
+def image_slot(model, image):
+    """How prompt_text shows an encoded image (images.image_input): a QwenImage as itself, a LLaVA pixel tensor as
+    image_tokens(model) <image> tokens; None for no image."""
+    if image is None or isinstance(image, QwenImage):
+        return image
+    return image_tokens(model)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Tensor | None = None,
              images: Sequence | None = None, max_new_tokens: int = 32, batch_size: int = 16,
              progress: bool = True, system: str | None = None) -> List[str]:
-    """Greedy decoding of the prompts (chat template applied, with `system` as the system message when given),
-    left-padded batches. pixel_values (one image
-    per prompt) go with prompts that already hold the image tokens. images: one encoded image per prompt
-    (images.image_input: a QwenImage or a LLaVA pixel tensor) or None; its tokens are put in front of the
-    prompt (with_image) and its inputs (pixel_values, and for Qwen-VL image_grid_thw, mm_token_type_ids) go with
-    it."""
+    """Greedy decoding of the prompts, each written with the tokenizer's chat template (prompt_text, with `system`
+    as the system message when given; the BOS token once), left-padded batches. pixel_values (one image per
+    prompt) go with prompts that already hold the image tokens. images: one encoded image per prompt
+    (images.image_input: a QwenImage or a LLaVA pixel tensor) or None; its tokens stand where the template
+    places an image and its inputs (pixel_values, and for Qwen-VL image_grid_thw, mm_token_type_ids) go with it."""
     from tqdm.auto import tqdm
 
     require(pixel_values is None or images is None, "pass pixel_values or images, not both")
@@ -472,10 +474,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Te
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = prompts[start:start + batch_size]
         chunk_images = images[start:start + batch_size] if images is not None else [None] * len(chunk)
-        chunk = [with_image(model, p, img) for p, img in zip(chunk, chunk_images)]
-        encoded = [([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
-                   + tokenizer(prompt_text(tokenizer, p, system), add_special_tokens=False)["input_ids"]
-                   for p in chunk]
+        encoded = [prompt_ids(tokenizer, prompt_text(tokenizer, p, system, image=image_slot(model, img)))
+                   for p, img in zip(chunk, chunk_images)]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -699,10 +699,7 @@ def evaluate(model, tokenizer, harmful: Sequence[Record], safe: Sequence[Record]
         elif attack == "figstep":
             size = getattr(model.config.vision_config, "image_size", 336)
             images = seen = [render_typographic(figstep_text(r), size=max(size, 256)) for r in harmful]
-            texts = [FIGSTEP_PROMPT] * len(prompts)
-            if not is_qwen_vl(model):
-                pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-                texts, images = ["<image> " * image_tokens(model) + FIGSTEP_PROMPT] * len(prompts), None
+            texts = [FIGSTEP_PROMPT] * len(prompts)  # each image where the chat template places it
         judged[attack] = seen
         responses[attack] = run(f"harmful:{attack}", texts, pixel_values,
                                 lambda i, a, seen=seen: classify(judge, prompts[i], a, seen[i]), images=images,

@@ -69,7 +69,7 @@ def _open(image):
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
             return opened.convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image as given (it is not changed)
 
 
 def image_input(model, image, image_processor=None):

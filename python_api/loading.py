@@ -24,6 +24,7 @@ from typing import Dict, NamedTuple, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from unlearn_engine.api.chat_template import attach_chat_template, find_chat_template
 from unlearn_engine.atomic import atomic_dir
 
 SINGLE_FILE = "model.safetensors"
@@ -264,10 +265,15 @@ def _ties_embeddings(config) -> bool:
 
 class SplitProcessor:
     """A checkpoint's tokenizer and image processor, loaded apart when its AutoProcessor cannot be built here
-    (Qwen2-VL's also builds a video processor, which needs torchvision); save_pretrained writes both."""
+    (Qwen2-VL's also builds a video processor, which needs torchvision); save_pretrained writes both. Its chat
+    template is its tokenizer's (load_vlm puts the checkpoint's there, wherever it was found)."""
 
     def __init__(self, tokenizer, image_processor):
         self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    @property
+    def chat_template(self):
+        return getattr(self.tokenizer, "chat_template", None)
 
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)
@@ -275,6 +281,19 @@ class SplitProcessor:
 
 
 def _load_processor(path):
+    """The checkpoint's processor (or SplitProcessor, or tokenizer, or None), its tokenizer carrying the chat
+    template transformers would find for it (chat_template.find_chat_template), even where the processor that
+    would hold it cannot be built here."""
+    processor = _build_processor(path)
+    if processor is not None:
+        try:
+            attach_chat_template(processor, find_chat_template(path, processor))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+    return processor
+
+
+def _build_processor(path):
     import transformers
 
     for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):

@@ -13,7 +13,8 @@ CHAT_TEMPLATE = (
 
 
 def word_tokenizer(words: Iterable[str]):
-    """A whitespace word-level fast tokenizer over SPECIAL_TOKENS + `words` (+ the chat markers)."""
+    """A whitespace word-level fast tokenizer over SPECIAL_TOKENS + `words` (+ the chat markers), with the toy chat
+    template CHAT_TEMPLATE; it adds <s> (and only <s>) when asked for special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -22,8 +23,9 @@ def word_tokenizer(words: Iterable[str]):
         vocab.setdefault(w, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # add_bos_token: like a Llama tokenizer, it puts <s> first when asked for special tokens
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                  eos_token="</s>", add_bos_token=True, extra_special_tokens={"image_token": "<image>"})
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
