@@ -87,15 +87,10 @@ def _layer_outputs(model, batch, layer):
     return captured["h"]
 
 
-@torch.no_grad()
 def _pooled_nll(model, tok, records):
     """The token-mean response NLL over all of `records` (one pool, as HF's model loss), from full logits."""
-    batch = encode(records, tok)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return float(-(token * keep).sum() / keep.sum())
+    sums, counts = _token_nll(model, tok, records)
+    return float(sums.sum() / counts.sum())
 
 
 @pytest.mark.parametrize("layer,nll_weight", [(0, 0.0), (1, 0.0), (1, 0.5)])
