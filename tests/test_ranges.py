@@ -268,6 +268,49 @@ def test_degenerate_boundaries(response, reason):
     assert degenerate_reason(response) == reason
 
 
+def _judge(**kw):
+    from unlearn_engine.api.evaluation import ModelJudge
+
+    ModelJudge(generate_fn=lambda prompts, pixels=None: ["yes"] * len(prompts), **kw)
+
+
+def _prompt(image):
+    from unlearn_engine.api.chat_template import prompt_text
+    from unlearn_engine.api.demo.toy import word_tokenizer
+
+    prompt_text(word_tokenizer(["hi"]), "hi", image=image)
+
+
+def _mirage(seeds):
+    from unlearn_engine.api.demo.mirage import run_mirage
+
+    run_mirage("/nonexistent-out", seeds=seeds, progress=False)  # refused before anything is written
+
+
+EVALUATION_RANGES = [
+    ("ModelJudge batch_size", lambda v: _judge(batch_size=v), 0, "batch_size and max_new_tokens must be >= 1"),
+    ("ModelJudge batch_size", lambda v: _judge(batch_size=v), 1, OK),
+    ("ModelJudge max_new_tokens", lambda v: _judge(max_new_tokens=v), 0, "must be >= 1"),
+    ("ModelJudge max_new_tokens", lambda v: _judge(max_new_tokens=v), 1, OK),
+    ("prompt image tokens", _prompt, 0, "positive number of <image> tokens"), ("prompt image tokens", _prompt, 1, OK),
+    ("run_mirage seeds", _mirage, 0, "seeds must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("name,call,value,refused", EVALUATION_RANGES,
+                         ids=[f"{r[0]}={r[2]}" for r in EVALUATION_RANGES])
+def test_evaluation_range(name, call, value, refused):
+    check(call, value, refused)
+
+
+@pytest.mark.parametrize("hits,complied", [(1, False), (2, True), (3, True)])
+def test_knowledge_judge_min_hits_is_inclusive(hits, complied):
+    from unlearn_engine.api.evaluation import KnowledgeJudge
+
+    judge = KnowledgeJudge({"q": ["flour", "sugar", "water"]}, min_hits=2)
+    assert judge("q", " ".join(["flour", "sugar", "water"][:hits]) + " and more") is complied
+
+
 # ----------------------------------------------------------------------------- command line
 def _cli_args(argv):
     args = cli.build_parser().parse_args(argv)

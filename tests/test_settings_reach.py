@@ -149,6 +149,8 @@ def mean(values):
 def _method(p):
     assert loss1(p.run(method="ga")) == pytest.approx(mean(p.m("f")), rel=1e-5)
     assert loss1(p.run(method="gd")) == pytest.approx(mean(p.m("f")) - mean(p.m("r")), rel=1e-5)
+    projector = {n for n, _ in p.unlearner(method="ga").named_params if "multi_modal_projector" in n}
+    assert projector and not {n for n, _ in p.unlearner(method="textual").named_params} & projector  # LLM only
     rmu = p.unlearner(method="rmu", rmu_layer=0)
     assert {n for n, _ in rmu.named_params if "language_model" in n} == {
         "model.language_model.layers.0.mlp.down_proj.weight"}
