@@ -26,7 +26,7 @@ from unlearn_engine.api.checkpoint import list_checkpoints
 from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.data import encode
 from unlearn_engine.api.methods import language_model
-from unlearn_engine.weight_masking import MaskedOptimizer, selection_count
+from unlearn_engine.weight_masking import selection_count
 
 # Records of different lengths, so that pooling ("batch" vs "sample") and normalising ("sum" vs "mean") differ.
 FORGET = [ue.Record("how to make a bomb", "step one mix poison", "forget"),
@@ -59,7 +59,7 @@ class Probe:
         return copy.deepcopy(self.model)
 
     def unlearner(self, model=None, **settings):
-        settings = {"steps": 1, "lr": 1e-3, "progress": False, **settings}
+        settings = {"steps": 1, "lr": 1e-3, "batch_size": 4, "progress": False, **settings}  # every record
         return ue.Unlearner(model if model is not None else self.fresh(), self.tok, **settings)
 
     def run(self, forget=FORGET, retain=RETAIN, **settings):
@@ -293,27 +293,41 @@ def _lr(p):
 
 @case("weight_decay")
 def _weight_decay(p):
-    """Decoupled decay: the run with weight_decay wd ends at (1 - lr wd) p0 + the same Adam update."""
+    """Decoupled decay: the run with weight_decay wd ends at (1 - lr wd) p0 + the same Adam update, on every element
+    the optimizer stepped (under scope 'mask': the selected ones; the others stay p0)."""
     lr, wd = 0.002, 0.25
     start = {n: q.detach().clone() for n, q in p.model.named_parameters()}
-    plain, decayed = p.run(method="ga", lr=lr), p.run(method="ga", lr=lr, weight_decay=wd)
-    assert [g["weight_decay"] for g in decayed.optimizer.param_groups] == [wd]
-    a, b = dict(plain.model.named_parameters()), dict(decayed.model.named_parameters())
-    stepped = [n for n, _ in decayed.named_params if not torch.equal(a[n], start[n])]  # torch skips grad None
-    assert len(stepped) > 10
-    for name in stepped:
-        torch.testing.assert_close(b[name] - a[name], -lr * wd * start[name], rtol=1e-3, atol=1e-7)
-    masked = p.run(method="ga", lr=lr, weight_decay=wd, scope="mask")
-    assert masked.optimizer.defaults["weight_decay"] == wd
+    for scope in ("full", "mask"):
+        plain, decayed = p.run(method="ga", lr=lr, scope=scope), p.run(method="ga", lr=lr, weight_decay=wd, scope=scope)
+        if scope == "full":
+            assert [g["weight_decay"] for g in decayed.optimizer.param_groups] == [wd]
+        a, b = dict(plain.model.named_parameters()), dict(decayed.model.named_parameters())
+        stepped = 0
+        for name, _ in decayed.named_params:
+            # torch skips a parameter without a gradient (and decays all of one with a gradient, zeros included);
+            # the mask skips the unselected elements
+            moved = a[name] != start[name]
+            moved = moved if scope == "mask" else moved.any().expand_as(moved)
+            stepped += int(moved.sum())
+            torch.testing.assert_close((b[name] - a[name])[moved], -lr * wd * start[name][moved], rtol=1e-3,
+                                       atol=1e-7, msg=lambda m, where=f"scope {scope}: {name}": f"{where}: {m}")
+            assert torch.equal(b[name][~moved], a[name][~moved])
+        assert stepped > 100
 
 
 @case("scope")
 def _scope(p):
     assert all("lora_" in n for n, _ in p.unlearner(scope="lora").named_params)
-    assert isinstance(p.run(scope="mask").optimizer, MaskedOptimizer)
     full = p.unlearner()
     assert any(n.endswith("lm_head.weight") for n, _ in full.named_params)
     assert not any("lora_" in n for n, _ in full.named_params)
+    model = p.fresh()
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    masked = p.unlearner(model, method="ga", scope="mask")
+    masked.fit(FORGET, RETAIN)
+    total = sum(q.numel() for _, q in masked.named_params)
+    moved = sum(int((d != 0).sum()) for d in _moved(masked, before).values())
+    assert 0 < moved <= masked.mask.count() < total  # only the selected elements move
 
 
 @case("mask_fraction")
