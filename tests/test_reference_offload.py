@@ -35,9 +35,18 @@ def test_stream_weights_moves_each_module_only_while_it_runs():
     left there when a hook stops the forward early (RMU's layer_output): computing on the meta device, any tensor
     not moved makes the forward fail with a device mismatch, and after it every tensor is back on the CPU."""
     model = stream_weights(_tiny_llama(), "meta")
+    seen = {}  # what each module's own parameters and buffers are while it runs (pre-hooks run after streaming's)
+
+    def record(module, args, name):
+        seen[name] = {t.device.type for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))}
+
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
     ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
     assert model(input_ids=ids).logits.device.type == "meta"
     assert _devices(model) == {"cpu"}
+    assert {name: kinds for name, kinds in seen.items() if kinds - {"meta"}} == {}
+    assert "model.rotary_emb" in seen and seen["model.rotary_emb"] == {"meta"}  # a module with only a buffer
 
     class Stop(Exception):
         pass
@@ -45,11 +54,16 @@ def test_stream_weights_moves_each_module_only_while_it_runs():
     def stop(module, args, output):
         raise Stop
 
-    handle = model.model.layers[0].register_forward_hook(stop)
+    # a module with its own tensors whose child's hook stops the forward (as CLIP's embeddings, which own the class
+    # embedding and call their patch embedding; RMU's layer_output stops a forward the same way)
+    outer = torch.nn.Module()
+    outer.scale, outer.inner = torch.nn.Parameter(torch.ones(3)), torch.nn.Linear(3, 3)
+    outer.forward = lambda x: outer.inner(x) * outer.scale
+    stream_weights(outer, "meta")
+    outer.inner.register_forward_hook(stop)
     with pytest.raises(Stop):
-        model(input_ids=ids)
-    handle.remove()
-    assert _devices(model) == {"cpu"}, "a forward stopped by a hook left weights on the device"
+        outer(torch.zeros(2, 3, device="meta"))
+    assert _devices(outer) == {"cpu"}, "a forward stopped by a hook left weights on the device"
 
 
 def test_cpu_reference_is_a_separate_frozen_copy():
