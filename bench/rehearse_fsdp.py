@@ -86,9 +86,11 @@ def fsdp_memory(layers: int = 2, steps: int = 3, world: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="rehearse-fsdp-") as out_dir:
         mp.spawn(_rank, args=(world, _free_port(), layers, steps, out_dir), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
-    return dict(family="rehearse_fsdp", method="npo", scope="full", parallel="fsdp", world=world,
+    from bench.common import machine
+
+    return dict(family="rehearse_fsdp", machine=machine(), method="npo", scope="full", parallel="fsdp", world=world,
                 decoder_layers=layers, vision_layers=2, steps=steps, dtype="bfloat16", masters="float32",
-                backend="gloo", device="cpu", ranks=ranks)
+                backend="gloo", device="cpu", threads_per_rank=1, ranks=ranks)
 
 
 def main(argv) -> int:
