@@ -1,10 +1,11 @@
 """Scale rehearsal under FSDP2: the LLaVA-1.5-7B-shaped model of bench/rehearse.py (a few decoder layers, bf16,
 fp32 masters) unlearned with full-scope NPO by 2 processes (gloo, CPU) under parallel='fsdp', each rank measuring
-its own peak RSS and the bytes it holds of each kind (local shards of the bf16 weights, fp32 masters, AdamW
+its own peak RSS and the bytes it holds of each kind (local shards of the trained bf16 weights, fp32 masters, AdamW
 moments), so the per-GPU cost of sharding can be projected from measured numbers.
 
     python -m bench.rehearse_fsdp                       # 2 ranks, 2 decoder layers, 3 steps; prints JSON
     python -m bench.rehearse_fsdp --layers 1 --steps 2 --out bench/results/x.json
+    python -m bench.rehearse_fsdp --smoke            # a narrow text model (hidden 256): checks the plumbing
 
 `fsdp_memory(layers, steps, world)` is what the rehearsal calls: it returns the JSON-able dict.
 """
@@ -35,12 +36,15 @@ def _local_bytes(tensors) -> int:
     return total
 
 
-def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: str) -> None:
+def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: str, text: dict) -> None:
     import torch.distributed as dist
 
+    import bench.rehearse
     import unlearn_engine as ue
     from bench.common import peak_rss_bytes, reset_peak_rss
     from bench.rehearse import build
+
+    bench.rehearse.TEXT = {**bench.rehearse.TEXT, **text}  # a smoke run's smaller text model (build reads TEXT)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -62,7 +66,7 @@ def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: st
         run.fit(forget, retain)
         fit_s = time.perf_counter() - t0
         state = run.optimizer.state
-        held = dict(weights=_local_bytes(p for _, p in run.named_params),
+        held = dict(trained_weights=_local_bytes(p for _, p in run.named_params),
                     masters=_local_bytes(m for m, (_, p) in zip(run.masters, run.named_params) if m is not p),
                     moments=_local_bytes(v for m in run.masters for v in state.get(m, {}).values() if v.dim()))
         row = dict(rank=rank, peak_rss_bytes=peak_rss_bytes(), baseline_rss_bytes=baseline, fit_s=round(fit_s, 1),
@@ -78,19 +82,21 @@ def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: st
     os._exit(0)  # skip teardown: gloo's threads can abort it on a loaded machine
 
 
-def fsdp_memory(layers: int = 2, steps: int = 3, world: int = 2) -> dict:
+def fsdp_memory(layers: int = 2, steps: int = 3, world: int = 2, text: dict | None = None) -> dict:
     """Runs the 2-process (`world`) FSDP2 rehearsal in fresh processes and returns each rank's measured peak RSS
-    (peak minus the RSS at its start is the run's own) and the bytes it held of weights, masters and moments."""
+    (peak minus the RSS at its start is the run's own) and the bytes it held of weights, masters and moments.
+    `text` overrides the text model's LLaVA-1.5-7B shapes (a smoke run; the result records it)."""
+    text = dict(text or {})
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="rehearse-fsdp-") as out_dir:
-        mp.spawn(_rank, args=(world, _free_port(), layers, steps, out_dir), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, _free_port(), layers, steps, out_dir, text), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
     from bench.common import machine
 
     return dict(family="rehearse_fsdp", machine=machine(), method="npo", scope="full", parallel="fsdp", world=world,
-                decoder_layers=layers, vision_layers=2, steps=steps, dtype="bfloat16", masters="float32",
-                backend="gloo", device="cpu", threads_per_rank=1, ranks=ranks)
+                decoder_layers=layers, vision_layers=2, text_overrides=text, steps=steps, dtype="bfloat16",
+                masters="float32", backend="gloo", device="cpu", threads_per_rank=1, ranks=ranks)
 
 
 def main(argv) -> int:
@@ -98,7 +104,9 @@ def main(argv) -> int:
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
     out = flag("--out", "")
-    result = fsdp_memory(layers=flag("--layers", 2), steps=flag("--steps", 3))
+    smoke = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4)
+    result = fsdp_memory(layers=flag("--layers", 2), steps=flag("--steps", 3),
+                         text=smoke if "--smoke" in argv else None)
     text = json.dumps(result, indent=2)
     if out:
         from unlearn_engine.atomic import write_text
