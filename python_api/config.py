@@ -21,6 +21,7 @@ PARALLEL = ("ddp", "fsdp")
 # refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
 RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
 RMU_TOKENS = ("attended", "labelled")
+REFERENCE_DEVICES = ("model", "cpu")
 
 
 class ResolvedFloat(float):
@@ -74,6 +75,9 @@ class UnlearnConfig:
                                      "(unset: 15, or no guard (inf) under a preset: the peers have none)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
+    reference_device: str = setting("model", "where the frozen reference (kl, textual, rmu; NPO under fsdp) is "
+                                             "kept: 'model' (a copy on the model's device) or 'cpu' (host memory, each "
+                                             "layer copied to the device only while it runs)", REFERENCE_DEVICES)
     seed: int = setting(0, "seed of batches, control vectors and mismatches")
     checkpoint_every: int = setting(0, "steps between checkpoints (0: none)")
     keep_checkpoints: int = setting(2, "keep the newest K checkpoints, deleting older ones once a newer one is "
@@ -112,7 +116,7 @@ class UnlearnConfig:
         self._resolve(strict=True)
         for name, choices in (("forget_pooling", POOLINGS), ("retain_pooling", POOLINGS),
                               ("forget_normalize", NORMALIZES), ("retain_normalize", NORMALIZES),
-                              ("rmu_tokens", RMU_TOKENS)):
+                              ("rmu_tokens", RMU_TOKENS), ("reference_device", REFERENCE_DEVICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scope not in SCOPES:

@@ -55,6 +55,10 @@ class UnlearningMethod:
         return [m for m in (language_model(model), multimodal_projector(model), model.get_output_embeddings())
                 if m is not None]
 
+    def uses_reference(self, config) -> bool:
+        """Whether a run with `config` reads the frozen copy (needs_reference, unless a setting turns its term off)."""
+        return self.needs_reference
+
     def check(self, config) -> None:
         """Method-specific configuration checks (raise ValueError naming the setting)."""
 
@@ -151,6 +155,9 @@ class RMU(UnlearningMethod):
     needs_retain = True
     supports_lora = False
     defaults = dict(forget_pooling="batch", retain_pooling="batch")  # every row of the batch weighs the same
+
+    def uses_reference(self, config):
+        return config.rmu_alpha > 0  # alpha 0: no retain activation term, the frozen model is never run
 
     def check(self, config):
         if config.scope == "lora":

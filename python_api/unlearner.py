@@ -35,6 +35,8 @@ from unlearn_engine.api.data import Record, encode, image_tokens
 from unlearn_engine.api.images import MODEL_INPUTS, is_qwen_vl
 from unlearn_engine.api.loading import CheckpointError
 from unlearn_engine.api.methods import get_method, language_model
+from unlearn_engine.api.offload import cpu_reference
+from unlearn_engine.api.sharded_checkpoint import find_sharded, load_sharded, save_sharded
 from unlearn_engine.atomic import write_text
 from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
@@ -143,8 +145,12 @@ class Unlearner:
         # dropped after the precompute)
         sharded = self.world > 1 and config.parallel == "fsdp"
         needs_ref_logp = self.method.needs_ref_logp or config.retain_npo_weight > 0
-        needs_ref = self.method.needs_reference or (sharded and needs_ref_logp)
-        self.ref_model = ref_model if ref_model is not None or not needs_ref else copy.deepcopy(model)
+        needs_ref = self.method.uses_reference(config) or (sharded and needs_ref_logp)
+        self.ref_model = ref_model if ref_model is not None or not needs_ref else model
+        if self.ref_model is not None and config.reference_device == "cpu":
+            self.ref_model = cpu_reference(self.ref_model, self.device)  # host memory, run layer by layer
+        elif self.ref_model is model:
+            self.ref_model = copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
         self.named_params = self._select_params()
@@ -179,8 +185,8 @@ class Unlearner:
         from torch.distributed.fsdp import fully_shard
 
         c, model = self.config, self.model
-        if c.scope != "full" or c.checkpoint_every:
-            raise ValueError("parallel='fsdp' supports scope='full' without checkpoints (checkpoint_every=0)")
+        if c.scope != "full":  # README, "Scale-out": why mask and LoRA stay with parallel='ddp'
+            raise ValueError(f"parallel='fsdp' supports scope='full', got scope={c.scope!r} (use parallel='ddp')")
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         if head.weight is embed.weight:
             raise ValueError("parallel='fsdp' needs untied input/output embeddings")
@@ -268,7 +274,9 @@ class Unlearner:
                                                                 "dtype")}
         return {**settings_fingerprint(self.config, forget, retain), "model_config": _digest(config),
                 "model_dtype": str(next(self.model.parameters()).dtype),
-                "trained": _digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint}
+                "trained": _digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint,
+                # sharded checkpoints: another format, and each rank's batch slice depends on the world size
+                **({"checkpoint_format": "dcp", "world_size": self.world} if self.fsdp else {})}
 
     # ------------------------------------------------------------------ batches
     def indices(self, n: int, step: int, salt: int) -> List[int]:
@@ -371,15 +379,17 @@ class Unlearner:
                 for start in range(0, len(missing), self.config.batch_size):
                     idx = missing[start:start + self.config.batch_size]
                     records = [records_of[i] for i in idx]
+                    # a reference held on the CPU computes on the model's device: its inputs go there
+                    on = self.model if self.config.reference_device == "cpu" else reference
                     batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
-                                             **self._image_args(records)), reference)
+                                             **self._image_args(records)), on)
                     values = reference_logp(reference, batch["input_ids"], batch["labels"],
                                             normalize=self._ref_normalize(kind), **self.model_inputs(batch))
                     for i, v in zip(idx, values.tolist()):
                         self._ref_logp_cache[(kind, i)] = v
         finally:
             reference.train(was_training)
-        if not self.method.needs_reference:
+        if not self.method.uses_reference(self.config):
             self.ref_model = None
 
     def _ref_logp(self, batch):
@@ -418,7 +428,9 @@ class Unlearner:
         if retain == "kl":
             with torch.no_grad():
                 ref_hidden, _, _ = self._hidden(self.ref_model, batch)
-            extra.update(ref_hidden=ref_hidden, ref_weight=self.ref_model.get_output_embeddings().weight)
+            # (read outside the reference's forward: a CPU-held head is copied to the device for this step only)
+            ref_weight = self.ref_model.get_output_embeddings().weight.to(self.device)
+            extra.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
         out = self.head_loss(hidden, labels, sample_index, roles, forget=forget, retain=retain, beta=self.config.beta,
                              forget_weight=forget_weight, retain_weight=retain_weight, **extra)
         counts = torch.zeros(len(roles), device=self.device).index_add_(0, sample_index, (labels != -100).float())
@@ -455,13 +467,16 @@ class Unlearner:
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writer else None
         require(resume or not list_checkpoints(ckpt_dir), f"{ckpt_dir} already holds checkpoints of a run: pass "
                                                           "resume=True to continue it, or use another out_dir")
-        ckpt = find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint) if resume and ckpt_dir else None
+        find = (lambda: find_sharded(ckpt_dir, fingerprint)) if self.fsdp else \
+            (lambda: find_checkpoint(ckpt_dir, self.named_masters(), optimizer, fingerprint))
+        ckpt = find() if resume and ckpt_dir else None
         if ckpt is not None:  # the stored reference values: none is recomputed from the restored weights
             self._ref_logp_cache = {tuple(json.loads(k)): v for k, v in ckpt["state"].get("ref_logp", {}).items()}
         if self._needs_ref_logp():  # before the first step (and before a checkpoint's weights are applied)
             self._precompute_ref_logp(forget, retain)
         if ckpt is not None:
-            state = apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
+            state = load_sharded(ckpt, self.named_masters(), optimizer) if self.fsdp else \
+                apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
             with torch.no_grad():
                 for (_, p), m in zip(self.named_params, self.masters):
                     if m is not p:
@@ -469,7 +484,8 @@ class Unlearner:
             if self.scaler and state.get("loss_scaler"):
                 self.scaler.load_state_dict(state["loss_scaler"])
             start = state["step"]
-            self._forget_nll = {tuple(json.loads(k)): v for k, v in state["forget_nll"].items()}
+            forget_nll = state["rank"]["forget_nll"] if self.fsdp else state["forget_nll"]  # each rank's own
+            self._forget_nll = {tuple(json.loads(k)): v for k, v in forget_nll.items()}
             self.history = [h for h in state["history"] if h["step"] <= start]
         if writer:
             write_text(os.path.join(self.out_dir, "data.json"), json.dumps(self.data_report, indent=2))
@@ -498,12 +514,17 @@ class Unlearner:
             if metrics_path:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if writer and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {
-                    "config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
-                    "loss_scaler": self.scaler.state_dict() if self.scaler else None,
-                    "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()},
-                    "forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}}, keep=c.keep_checkpoints)
+            if ckpt_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and (writer or self.fsdp):
+                extra = {"config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
+                         "loss_scaler": self.scaler.state_dict() if self.scaler else None,
+                         "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()}}
+                forget_nll = {"forget_nll": {json.dumps(k): v for k, v in self._forget_nll.items()}}
+                if self.fsdp:  # every rank writes its shards
+                    save_sharded(ckpt_dir, step + 1, self.named_masters(), optimizer, extra, forget_nll,
+                                 keep=c.keep_checkpoints)
+                else:
+                    save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {**extra, **forget_nll},
+                                    keep=c.keep_checkpoints)
         if c.scope == "lora":
             merge_lora_(self.model)
         self.model.eval()
