@@ -424,6 +424,25 @@ def _parallel(p):
     assert run.fsdp and sharded == layers + [run.model.base_model, run.head_loss]
 
 
+@case("reference_device")
+def _reference_device(p):
+    """'cpu': the frozen reference is made by offload.cpu_reference (host memory, streamed per module), with the
+    same losses as the on-device copy; the default makes no such copy."""
+    import unlearn_engine.api.unlearner as unlearner_module
+
+    made, real = [], unlearner_module.cpu_reference
+    unlearner_module.cpu_reference = lambda model, device: made.append(str(device)) or real(model, device)
+    try:
+        default = p.run(method="kl", steps=2)
+        assert made == []
+        run = p.run(method="kl", steps=2, reference_device="cpu")
+    finally:
+        unlearner_module.cpu_reference = real
+    assert made == ["cpu"]
+    assert all(t.device.type == "cpu" for t in run.ref_model.parameters())
+    assert [h["loss"] for h in run.history] == pytest.approx([h["loss"] for h in default.history], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- the tests
 FIELDS = [f.name for f in dataclasses.fields(UnlearnConfig)]
 
