@@ -98,7 +98,7 @@ def no_tokenizer_dir(tiny_llava_dir, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", ["unlearn", "asr", "rai", "judge"])
+@pytest.mark.parametrize("command", ["unlearn", "asr", "rai", "judge", "asr-with-judge"])
 def test_missing_tokenizer_is_refused_before_the_weights_load(command, no_tokenizer_dir, tiny_llava_dir, tmp_path,
                                                              capsys, monkeypatch):
     """Catches a checkpoint without tokenizer files reported only after its weights were read (minutes on a 7B)."""
@@ -113,7 +113,10 @@ def test_missing_tokenizer_is_refused_before_the_weights_load(command, no_tokeni
                     "--device", "cpu"],
             "rai": ["rai", "--model", str(no_tokenizer_dir), "--prompt", "hi", "--device", "cpu"],
             "judge": ["asr", "--model", str(tiny_llava_dir), "--harmful", harmful, "--out", str(tmp_path / "out"),
-                      "--judge", f"model:{no_tokenizer_dir}", "--device", "cpu"]}[command]
+                      "--judge", f"model:{no_tokenizer_dir}", "--device", "cpu"],
+            # the judge model loads before --model: the flag checks must have seen --model's tokenizer already
+            "asr-with-judge": ["asr", "--model", str(no_tokenizer_dir), "--harmful", harmful, "--out",
+                               str(tmp_path / "out"), "--judge", f"model:{tiny_llava_dir}", "--device", "cpu"]}[command]
     assert main(argv) == 2
     err = one_line_error(capsys, argv[0])
     assert f"{no_tokenizer_dir} has no tokenizer files" in err
@@ -380,6 +383,8 @@ def test_help_says_how_max_length_follows_the_model(capsys):
         main(["unlearn", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "unset: 256 text tokens plus the sample's image tokens" in text and "max_position_embeddings" in text
+    for flag in ("--overwrite", "--save {merged,adapter,both}", "--divergence-factor"):
+        assert flag in text, flag
 
 
 # ---------------------------------------------------------------- 12: the LoRA adapter in PEFT's format
