@@ -166,7 +166,8 @@ def _prepare_unlearn(args) -> argparse.Namespace:
     if checkpoints and not run["resume"] and not run["overwrite"]:
         fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
              "pass --resume to continue it, --overwrite to replace it, or choose another --out")
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    # rank 0 alone judges --out under torchrun: a slower rank could see the config.json rank 0 has just written
+    held = sorted(os.listdir(out)) if os.path.isdir(out) and int(os.environ.get("RANK", 0)) == 0 else []
     if held and not run["resume"] and not run["overwrite"]:  # a finished run is never replaced silently
         fail(f"--out {out} is not empty (it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): pass "
              "--overwrite to replace the run there, --resume to continue it, or choose another --out")
