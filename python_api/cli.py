@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from unlearn_engine._library import build_info
+from unlearn_engine.api.adapter import save_lora_adapter
 from unlearn_engine.api.chat_template import chat_template_info
 from unlearn_engine.api.config import UnlearnConfig, choices_of, read_config_file
 from unlearn_engine.api.data import (
@@ -36,6 +37,8 @@ from unlearn_engine.api.images import image_input, image_loader, is_qwen_vl
 from unlearn_engine.api.loading import (
     DTYPES,
     check_checkpoint_dir,
+    check_promptable,
+    context_length,
     empty_model,
     load_promptable,
     load_vlm,
@@ -47,7 +50,9 @@ from unlearn_engine.checks import fail, require
 
 # Settings of an unlearn run that are not UnlearnConfig fields (they may come from --config too).
 RUN_KEYS = {"model": None, "forget": None, "retain": None, "out": None, "dtype": "bfloat16", "device": None,
-            "resume": False, "image_root": None}
+            "resume": False, "overwrite": False, "image_root": None}
+# What an unlearn run writes in --out: --overwrite removes these (and nothing else) before the new run writes.
+RUN_OUTPUTS = ("config.json", "data.json", "metrics.jsonl", "model", "adapter", "checkpoints")
 
 
 def _cmd_info(args):
@@ -92,7 +97,7 @@ def _check_device(device):
 def _check_model(model, dtype, device):
     require(dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     _check_device(device)
-    check_checkpoint_dir(model)
+    check_promptable(model, "--model")  # its tokenizer too: a 7B's weights take minutes to load
 
 
 def _check_model_flags(args):
@@ -156,9 +161,16 @@ def _prepare_unlearn(args) -> argparse.Namespace:
         _check_record_images(records[key], root, f"--{key} {run[key]}")
     fingerprint = {"model_path": os.path.abspath(run["model"])}
     checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
-    if checkpoints and not run["resume"]:
+    require(not (run["resume"] and run["overwrite"]), "--resume and --overwrite exclude each other: --resume "
+                                                      "continues the run in --out, --overwrite replaces it")
+    if checkpoints and not run["resume"] and not run["overwrite"]:
         fail(f"--out {out} already holds checkpoints of a run (newest step {checkpoints[0][0]}): "
-             "pass --resume to continue it, or choose another --out")
+             "pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    # rank 0 alone judges --out under torchrun: a slower rank could see the config.json rank 0 has just written
+    held = sorted(os.listdir(out)) if os.path.isdir(out) and int(os.environ.get("RANK", 0)) == 0 else []
+    if held and not run["resume"] and not run["overwrite"]:  # a finished run is never replaced silently
+        fail(f"--out {out} is not empty (it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): pass "
+             "--overwrite to replace the run there, --resume to continue it, or choose another --out")
     if run["resume"]:  # another run's checkpoints are refused now, not after the model load
         check_resume_settings(os.path.join(out, "checkpoints"), config, forget, retain, fingerprint)
     return argparse.Namespace(run=run, config=config, forget=forget, retain=retain, fingerprint=fingerprint)
@@ -187,6 +199,7 @@ def _judge_spec(value):
         check_checkpoint_dir(path)
     except ValueError as err:
         fail(f"--judge {value}: judge model {err}")
+    check_promptable(path, f"--judge {value}: judge model")  # its tokenizer, before any weight is read
     if template == "safety-mirage":
         return ("model", path, "safety-mirage", "relevance")
     if template in ("", "relevance", "safety"):
@@ -281,6 +294,10 @@ def _check_args(args):
         require(args.limit >= 0, f"--limit must be >= 0 (0: all prompts), got {args.limit}")
         require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
         require(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        positions = context_length(args.model)  # more new tokens than positions would only run on for minutes
+        require(positions is None or args.max_new_tokens <= positions,
+                f"--max-new-tokens {args.max_new_tokens} is more than --model {args.model} can generate: its context "
+                f"is {positions} positions (max_position_embeddings), prompt included")
         _judge_spec(args.judge)
         from unlearn_engine.api.evaluation import ATTACKS
 
@@ -375,14 +392,22 @@ def _unlearn(args, prep):
     if any(r.image for r in forget + retain):
         image_tokens(model)  # a model without a vision tower cannot take image records: say so now
         load = image_loader(model, image_processor, root)
-    if int(os.environ.get("RANK", 0)) == 0:
-        # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
-        write_text(os.path.join(out, "config.json"), json.dumps({**run, **dataclasses.asdict(config),
-                                                                 "filled_in": config.filled_in()}, indent=2))
     nll = {"max_length": config.max_length, "image_loader": load}
+    # computed before anything is written: a record set the max_length cut empties is refused with --out untouched
     before = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
         before["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
+    if int(os.environ.get("RANK", 0)) == 0:
+        if run["overwrite"]:  # every check passed: the previous run's outputs go now, not before
+            _remove_run_outputs(out)
+        # the resolved settings beside the outputs: `--config OUT/config.json --resume` continues the run
+        saved = {k: v for k, v in run.items() if k != "overwrite"}  # a resume from it must not replace the run
+        write_text(os.path.join(out, "config.json"), json.dumps({**saved, **dataclasses.asdict(config),
+                                                                 "filled_in": config.filled_in()}, indent=2))
+    import torch.distributed as dist
+
+    if run["overwrite"] and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank reads --out before rank 0 has cleared it
     unlearner = Unlearner(model, tokenizer, config, out_dir=out, progress=not args.no_progress,
                           fingerprint=prep.fingerprint, image_loader=load)
     unlearner.fit(forget, retain, resume=run["resume"])
@@ -396,21 +421,50 @@ def _unlearn(args, prep):
     after = {"forget_nll": mean_nll(model, tokenizer, forget, **nll)}
     if retain:
         after["retain_nll"] = mean_nll(model, tokenizer, retain, **nll)
-    save_vlm(model, os.path.join(out, "model"), processor=processor)  # the whole processor: image attacks need it
+    save = config.save or ("both" if config.scope == "lora" else "merged")
+    written = {}
+    if save in ("merged", "both"):
+        written["model"] = os.path.join(out, "model")
+        save_vlm(model, written["model"], processor=processor)  # the whole processor: image attacks need it
+    if save in ("adapter", "both"):  # PEFT's format, onto the original checkpoint
+        written["adapter"] = os.path.join(out, "adapter")
+        save_lora_adapter(written["adapter"], unlearner.adapter_state, config.lora_rank,
+                          base_model=os.path.abspath(model_path))
     summary = {"config": dataclasses.asdict(config), "before": before, "after": after, "data": unlearner.data_report,
-               "chat_template": chat_template_info(tokenizer), "model": os.path.join(out, "model")}
+               "chat_template": chat_template_info(tokenizer), "model": written.get("model"),
+               "adapter": written.get("adapter"), "divergence": unlearner.divergence}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{'metric':<12}{'before':>10}{'after':>10}")
-        for key in before:
-            print(f"{key:<12}{before[key]:>10.4f}{after[key]:>10.4f}")
+        print(_metric_table(before, after))
+        if unlearner.divergence:
+            d = unlearner.divergence
+            print(f"warning: diverging: retain NLL {d['retain_nll']:.6g} at step {d['step']}, over "
+                  f"{d['factor']:g} x its step-1 value {d['first_retain_nll']:.6g}")
         for kind, report in unlearner.data_report.items():
             if report["skipped"]:
                 print(f"{kind}: {len(report['skipped'])} record(s) with no labelled token skipped "
                       f"(indices {report['skipped'][:20]})")
-        print(f"model written to {summary['model']}")
+        for what, path in written.items():
+            print(f"{what} written to {path}")
     return 0
+
+
+def _metric_table(before, after):
+    """metric / before / after, columns two spaces apart and as wide as their widest cell: any float fits."""
+    rows = [("metric", "before", "after")] + [(k, f"{before[k]:.6g}", f"{after[k]:.6g}") for k in before]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+
+
+def _remove_run_outputs(out):
+    """Removes what a previous unlearn run wrote in `out` (RUN_OUTPUTS); other files stay."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def _read_prompt_file(path, limit, *, harmful, subset=None, variants=False):
@@ -651,6 +705,10 @@ def build_parser():
                     help="continue from the newest intact checkpoint in --out (refused, exit 2, when its run "
                          "fingerprint differs: every setting but --steps, --checkpoint-every, --keep-checkpoints, "
                          "the data, the model)")
+    un.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                    help="replace the run in a non-empty --out (its config.json, data.json, metrics.jsonl, model/, "
+                         "adapter/, checkpoints/; other files stay), removed once every check has passed; without "
+                         "it a non-empty --out is refused (exit 2)")
     un.add_argument("--image-root", default=argparse.SUPPRESS,
                     help="folder the records' relative 'image' paths are read from")
     _config_flags(un)
@@ -677,7 +735,9 @@ def build_parser():
     asr.add_argument("--judge", default="vlguard", help=JUDGE_HELP + " (default: vlguard)")
     asr.add_argument("--attacks", default="text,one_word",
                      help="comma-separated: text, one_word, figstep (figstep needs a saved image processor)")
-    asr.add_argument("--max-new-tokens", type=int, default=64)
+    asr.add_argument("--max-new-tokens", type=int, default=64,
+                     help="greedy tokens per answer, at most the model's context (max_position_embeddings; more is "
+                          "refused) (default: 64)")
     asr.add_argument("--batch-size", type=int, default=16)
     asr.add_argument("--out", default="asr_out",
                      help="folder for asr.json, asr.md, asr.png, responses.jsonl (responses.partial.jsonl while "

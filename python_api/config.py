@@ -19,9 +19,10 @@ PARALLEL = ("ddp", "fsdp")
 # Settings that do not change the trajectory of the steps already taken: a resumed run may change them (and
 # uses the new values). Every other field is part of the run's fingerprint: a resume with another value is
 # refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
-RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints")
+RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "divergence_factor", "save")
 RMU_TOKENS = ("attended", "labelled")
 REFERENCE_DEVICES = ("model", "cpu")
+SAVES = ("merged", "adapter", "both")
 
 
 class ResolvedFloat(float):
@@ -63,6 +64,9 @@ class UnlearnConfig:
                          SCOPES)
     mask_fraction: float = setting(0.05, "scope 'mask': fraction of the weights trained")
     lora_rank: int = setting(8, "scope 'lora': adapter rank")
+    save: str = setting(None, "what the CLI writes in --out: 'merged' (OUT/model, the full model), 'adapter' "
+                              "(OUT/adapter, a PEFT LoRA adapter; scope 'lora' only) or 'both' (unset: 'both' "
+                              "under scope 'lora', else 'merged')", SAVES)
     rmu_layer: int = setting(1, "RMU: steer this decoder layer's output; train down_proj of the 3 layers up to it")
     rmu_coeff: float = setting(None, "RMU: norm of the control vector (unset: the preset's, else 20)")
     rmu_alpha: float = setting(None, "RMU: weight of the retain term (unset: the preset's, else 10)")
@@ -73,6 +77,9 @@ class UnlearnConfig:
                                     "(answer positions) (unset: the preset's, else 'attended')", RMU_TOKENS)
     nll_bound: float = setting(None, "divergence guard: stop ascending a forget sample once its NLL passes this "
                                      "(unset: 15, or no guard (inf) under a preset: the peers have none)")
+    divergence_factor: float = setting(10.0, "warn once (log and summary) when a step's retain NLL passes this "
+                                             "factor times its step-1 value (counted from at least 1 nat per "
+                                             "token) or is not finite (0: no warning)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     parallel: str = setting("ddp", "under torchrun: average gradients ('ddp') or shard with FSDP2 ('fsdp')", PARALLEL)
     reference_device: str = setting("model", "where the frozen reference (kl, textual, rmu; NPO under fsdp) is "
@@ -82,7 +89,10 @@ class UnlearnConfig:
     checkpoint_every: int = setting(0, "steps between checkpoints (0: none)")
     keep_checkpoints: int = setting(2, "keep the newest K checkpoints, deleting older ones once a newer one is "
                                        "complete (0: keep all)")
-    max_length: int = setting(256, "tokens per sample (prompt + response), longer ones are cut")
+    max_length: int = setting(None, "tokens per sample (prompt + response, image tokens included), longer ones are "
+                                    "cut (unset: 256 text tokens plus the sample's image tokens - 576 for a "
+                                    "LLaVA-1.5 image, a Qwen-VL image's own count - within the model's "
+                                    "max_position_embeddings)")
 
     def __post_init__(self):
         self._resolve(strict=False)  # a bad method or preset is reported by validate()
@@ -121,18 +131,23 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.save is not None and self.save not in SAVES:
+            raise ValueError(f"save must be one of {SAVES}, got {self.save!r}")
+        if self.save in ("adapter", "both") and self.scope != "lora":
+            raise ValueError(f"save={self.save!r} writes a LoRA adapter: it needs scope='lora', got "
+                             f"scope={self.scope!r} (use save='merged')")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if f.type in (int, float) and not numeric:
+            if f.type in (int, float) and not numeric and not (value is None and f.default is None):  # None: unset
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             no_guard = f.name == "nll_bound" and value == math.inf  # nll_bound inf: no divergence guard
             if isinstance(value, float) and not math.isfinite(value) and not no_guard:
                 raise ValueError(f"{f.name} must be finite, got {value}")
         for name in ("steps", "batch_size", "lora_rank", "max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "beta"):
             if getattr(self, name) <= 0:
@@ -141,6 +156,8 @@ class UnlearnConfig:
                      "weight_decay", "nll_bound", "checkpoint_every", "rmu_layer", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.divergence_factor != 0 and self.divergence_factor <= 1:
+            raise ValueError(f"divergence_factor must be 0 (no warning) or > 1, got {self.divergence_factor}")
         if not 0 < self.mask_fraction <= 1:
             raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
         method.check(self)

@@ -155,6 +155,9 @@ def read_figstep(path: str | None = None) -> List[Record]:
 
 # ---------------------------------------------------------------------------------------------- JSON datasets
 VLGUARD_SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
+# A sample's text budget when max_length is unset: its image's tokens (576 for LLaVA-1.5, a Qwen-VL image's own
+# count) come on top, within the model's positions.
+TEXT_LENGTH = 256
 
 
 def _read_json_list(path):
@@ -358,8 +361,23 @@ def image_tokens(model, image_size: tuple[int, int] | None = None) -> int:
     return (height // unit) * (width // unit)
 
 
-def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image_loader=None,
-           image_tokens: int = 0, stats: dict | None = None):
+def model_positions(model) -> int | None:
+    """How many positions the model's language model takes (max_position_embeddings), None when unknown."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
+def cut_name(max_length: int | None) -> str:
+    """The max_length setting, as messages name it."""
+    if max_length is None:
+        return f"max_length (unset: {TEXT_LENGTH} text tokens plus the image's, within the model's positions)"
+    return f"max_length={max_length}"
+
+
+def encode(records: Sequence[Record], tokenizer, *, max_length: int | None = 256, image_loader=None,
+           image_tokens: int = 0, stats: dict | None = None, positions: int | None = None):
     """Right-padded batch: input_ids, attention_mask, labels (-100 except on the answer tokens).
 
     Each record is written as the tokenizer's chat template writes a user/assistant exchange (chat_template
@@ -373,6 +391,8 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
     Qwen2-VL / Qwen2.5-VL: it returns an images.QwenImage, shown as <|vision_start|>, its own number of
     <|image_pad|> and <|vision_end|> (image_tokens is not used), and pixel_values (all patches), image_grid_thw
     and mm_token_type_ids are added.
+    max_length: tokens kept per sample, image tokens included; None: TEXT_LENGTH text tokens plus the sample's
+    image tokens. Either way at most `positions` (the model's max_position_embeddings; model_positions) when given.
     A dict passed as `stats` receives, per record, "labelled" (labelled tokens kept after the max_length cut),
     "cut" (labelled tokens the cut removed) and "no_response" (the record has an empty response)."""
     if stats is not None:
@@ -390,8 +410,11 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int = 256, image
         prompt_ids, response_ids = exchange_ids(tokenizer, r.prompt, r.response, image=shown)
         ids = prompt_ids + response_ids
         labels = [-100] * len(prompt_ids) + response_ids
-        ids_list.append(ids[:max_length])
-        label_list.append(labels[:max_length])
+        limit = max_length if max_length is not None else TEXT_LENGTH + (
+            0 if shown is None else shown.tokens if isinstance(shown, QwenImage) else shown)
+        limit = min(limit, positions) if positions else limit
+        ids_list.append(ids[:limit])
+        label_list.append(labels[:limit])
         if stats is not None:
             kept = sum(1 for x in label_list[-1] if x != -100)
             stats["labelled"].append(kept)

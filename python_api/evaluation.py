@@ -453,6 +453,20 @@ def image_slot(model, image):
     return image_tokens(model)
 
 
+def _stop_ids(model, tokenizer) -> set:
+    """The tokens generation stops at: the model's generation config's eos_token_id (an instruct model's extra
+    end-of-turn tokens, from the checkpoint's generation_config.json), else the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _until_stop(ids: List[int], stops: set) -> List[int]:
+    """The generated ids before the first stop token: a stop token that is no special token (skip_special_tokens
+    keeps it) is not part of the answer either."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Tensor | None = None,
              images: Sequence | None = None, max_new_tokens: int = 32, batch_size: int = 16,
@@ -470,6 +484,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Te
     param = next(model.parameters())
     device = param.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = _stop_ids(model, tokenizer)
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = prompts[start:start + batch_size]
@@ -490,7 +505,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, pixel_values: torch.Te
         extra = {k: v.to(device, param.dtype) if k == "pixel_values" else v.to(device) for k, v in extra.items()}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, **extra)
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        outputs += tokenizer.batch_decode([_until_stop(row, stops) for row in out[:, width:].tolist()],
+                                          skip_special_tokens=True)
     return [o.strip() for o in outputs]
 
 

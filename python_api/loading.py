@@ -158,6 +158,15 @@ def _config(path):
         raise CheckpointError(f"unsupported or invalid config.json in {path}: {err}") from None
 
 
+def context_length(path: str) -> int | None:
+    """How many positions the checkpoint's language model takes (its config's max_position_embeddings), read from
+    config.json alone; None when the config does not say."""
+    config = _config(path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
 def empty_model(path: str) -> torch.nn.Module:
     """The checkpoint's model built on the meta device (no memory, no weights): for checks of module layout."""
     check_checkpoint_dir(path)
@@ -250,12 +259,22 @@ class PromptableVLM(NamedTuple):
 def load_promptable(path: str, dtype="bfloat16", device="cpu", *, check_finite: bool = True,
                     what: str = "--model") -> PromptableVLM:
     """load_vlm for a model that will be prompted: refuses a checkpoint without tokenizer files (ValueError
-    naming `what`), and splits the processor into its tokenizer and image processor (None when it has none)."""
-    model, processor = load_vlm(path, dtype=dtype, device=device, check_finite=check_finite)
-    if processor is None:
-        raise ValueError(f"{what} {path} has no tokenizer files: prompts cannot be encoded")
+    naming `what`) before any weight is read, and splits the processor into its tokenizer and image processor (None
+    when it has none)."""
+    processor = check_promptable(path, what)  # seconds; the weights can take minutes
+    model, _ = load_vlm(path, dtype=dtype, device=device, check_finite=check_finite, load_processor=False)
     return PromptableVLM(model, processor, getattr(processor, "tokenizer", processor),
                          getattr(processor, "image_processor", None))
+
+
+def check_promptable(path: str, what: str = "--model"):
+    """The checkpoint folder's cheap checks and its processor (or tokenizer), without reading a weight: ValueError
+    naming `what` when it has no tokenizer files, since its prompts could not be encoded."""
+    check_checkpoint_dir(path)
+    processor = _load_processor(path)
+    if processor is None:
+        raise ValueError(f"{what} {path} has no tokenizer files: prompts cannot be encoded")
+    return processor
 
 
 def _ties_embeddings(config) -> bool:

@@ -22,6 +22,7 @@ from typing import List, Sequence
 
 import torch
 
+from unlearn_engine.api.adapter import lora_config, lora_state_dict
 from unlearn_engine.api.checkpoint import (
     apply_checkpoint,
     check_same_run,
@@ -31,7 +32,7 @@ from unlearn_engine.api.checkpoint import (
     save_checkpoint,
 )
 from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
-from unlearn_engine.api.data import Record, encode, image_tokens
+from unlearn_engine.api.data import Record, cut_name, encode, image_tokens, model_positions
 from unlearn_engine.api.images import MODEL_INPUTS, is_qwen_vl
 from unlearn_engine.api.loading import CheckpointError
 from unlearn_engine.api.methods import get_method, language_model
@@ -43,8 +44,12 @@ from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
 from unlearn_engine.weight_masking import MaskedOptimizer, saliency, topk_mask
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-__all__ = ["Unlearner", "UnlearnConfig", "mean_nll", "merge_lora_"]
+__all__ = ["Unlearner", "UnlearnConfig", "DivergedError", "mean_nll", "merge_lora_"]
+
+
+class DivergedError(ValueError):
+    """The run diverged (a non-finite loss or trained weight): it stopped, the model is not saved, and the
+    checkpoints written before stay (none holds a non-finite weight)."""
 
 
 class HeadLoss(torch.nn.Module):
@@ -134,6 +139,7 @@ class Unlearner:
         self.image_loader = image_loader  # records with an image: image_loader(record.image) -> (3, H, W)
         self.data_report: dict = {}
         self.device = next(model.parameters()).device
+        self.positions = model_positions(model)  # no sample is cut longer than the model's positions
         # Only methods that need the frozen model's activations (KL-retain, RMU) keep a second model; NPO's
         # reference log-likelihoods are computed once before the first step (from `ref_model` when given, else
         # from the model itself, not yet trained), stored with the checkpoints, and the reference is dropped.
@@ -161,20 +167,21 @@ class Unlearner:
         self._ref_logp_cache = {}
         self._forget_nll = {}
         self.history: List[dict] = []
+        self.divergence: dict | None = None  # the first step whose retain NLL grew past divergence_factor
+        self.adapter_state: dict | None = None  # scope lora: the trained adapters (PEFT names), before the merge
 
     # ------------------------------------------------------------------ setup
     def _select_params(self):
         model = self.model
         model.requires_grad_(False)
         if self.config.scope == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
+            from peft import inject_adapter_in_model
 
             # the adapters' random init comes from the run's seed (not the global RNG): same seed, same run
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.config.seed)
-                inject_adapter_in_model(LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank,
-                                                   target_modules=LORA_TARGETS, lora_dropout=0.0), model)
+                inject_adapter_in_model(lora_config(self.config.lora_rank), model)
             return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         for m in self.method.trainable_modules(model, self.config):
             m.requires_grad_(True)
@@ -300,7 +307,7 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
+        batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length, positions=self.positions,
                                  **self._image_args(records)), self.model)
         batch["role_list"] = [FORGET] * len(f_idx) + [RETAIN] * len(r_idx)  # on the host: no device sync to read
         batch["roles"] = torch.tensor(batch["role_list"], device=self.device)
@@ -337,7 +344,7 @@ class Unlearner:
         if records:
             # LLaVA's image token count is fixed, so no pixels are needed; a Qwen-VL image's depends on its size
             placeholder = None if is_qwen_vl(self.model) else (lambda path: torch.zeros(3, 1, 1))
-            encode(records, self.tokenizer, max_length=self.config.max_length, stats=stats,
+            encode(records, self.tokenizer, max_length=self.config.max_length, positions=self.positions, stats=stats,
                    **self._image_args(records, loader=placeholder))
         skipped = [i for i, n in enumerate(stats.get("labelled", [])) if n == 0]
         report = {"records": len(records), "truncated": sum(1 for n in stats.get("cut", []) if n > 0),
@@ -345,7 +352,8 @@ class Unlearner:
         self.data_report[kind] = report
         if report["truncated"] or report["no_response"] or skipped:
             warnings.warn(f"{kind}: {report['truncated']} of {len(records)} record(s) lost labelled tokens to the "
-                          f"{self.config.max_length}-token cut (max_length), {report['no_response']} have no response "
+                          + (f"{self.config.max_length}-token cut (max_length)" if self.config.max_length else
+                             f"cut of {cut_name(None)}") + f", {report['no_response']} have no response "
                           f"(only the end token is labelled), {len(skipped)} left with no labelled token are skipped"
                           + (f" (record indices {skipped[:20]})" if skipped else ""), stacklevel=3)
         keep = set(range(len(records))) - set(skipped)
@@ -382,7 +390,7 @@ class Unlearner:
                     # a reference held on the CPU computes on the model's device: its inputs go there
                     on = self.model if self.config.reference_device == "cpu" else reference
                     batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
-                                             **self._image_args(records)), on)
+                                             positions=self.positions, **self._image_args(records)), on)
                     values = reference_logp(reference, batch["input_ids"], batch["labels"],
                                             normalize=self._ref_normalize(kind), **self.model_inputs(batch))
                     for i, v in zip(idx, values.tolist()):
@@ -456,9 +464,9 @@ class Unlearner:
             raise ValueError(f"method {c.method!r} needs retain records")
         fingerprint = self.fingerprint(forget, retain)  # of the records as given
         forget, retain = self.usable_records(forget, "forget"), self.usable_records(retain, "retain")
-        require(bool(forget), f"no forget record keeps a labelled token within max_length={c.max_length}")
+        require(bool(forget), f"no forget record keeps a labelled token within {cut_name(c.max_length)}")
         require(not self.method.needs_retain or bool(retain),
-                f"no retain record keeps a labelled token within max_length={c.max_length}")
+                f"no retain record keeps a labelled token within {cut_name(c.max_length)}")
         self.model.train()
         optimizer = self.optimizer = self._make_optimizer(forget)
         start = 0
@@ -487,6 +495,8 @@ class Unlearner:
             forget_nll = state["rank"]["forget_nll"] if self.fsdp else state["forget_nll"]  # each rank's own
             self._forget_nll = {tuple(json.loads(k)): v for k, v in forget_nll.items()}
             self.history = [h for h in state["history"] if h["step"] <= start]
+            for h in self.history:  # a divergence before the interruption is reported again
+                self._watch_retain(h)
         if writer:
             write_text(os.path.join(self.out_dir, "data.json"), json.dumps(self.data_report, indent=2))
         if metrics_path:
@@ -496,9 +506,12 @@ class Unlearner:
                    total=c.steps)
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss, stats = self.method.loss(self, forget, retain, step)
+            try:
+                loss, stats = self.method.loss(self, forget, retain, step)
+            except FloatingPointError as err:  # the fused loss refuses NaN/inf activations: the weights blew up
+                self._diverged(f"step {step + 1}: {err}", ckpt_dir)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}: lower lr or check the data")
+                self._diverged(f"the loss of step {step + 1} is {float(loss)}", ckpt_dir)
             (loss * self.scaler.scale if self.scaler else loss).backward()
             if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
                 self._average_gradients([p.grad for _, p in self.named_params])
@@ -510,11 +523,13 @@ class Unlearner:
                 if not stepped:
                     record["skipped"] = True  # non-finite fp16 gradients: no update, the scale was halved
             self.history.append(record)
+            self._watch_retain(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if metrics_path:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if ckpt_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and (writer or self.fsdp):
+                self._check_weights(step + 1, ckpt_dir)  # a checkpoint never holds a NaN/inf weight
                 extra = {"config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
                          "loss_scaler": self.scaler.state_dict() if self.scaler else None,
                          "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()}}
@@ -525,10 +540,42 @@ class Unlearner:
                 else:
                     save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {**extra, **forget_nll},
                                     keep=c.keep_checkpoints)
+        self._check_weights(c.steps, ckpt_dir)  # nor does the model the caller saves
         if c.scope == "lora":
+            self.adapter_state = lora_state_dict(self.model)  # what adapter.save_lora_adapter writes
             merge_lora_(self.model)
         self.model.eval()
         return self.history
+
+    def _watch_retain(self, record: dict) -> None:
+        """Warns once when the retain NLL grows past divergence_factor x its first value (at least 1) or is not
+        finite: the run goes on (the user decides), self.divergence records it for the summary."""
+        factor, value = self.config.divergence_factor, record.get("retain_nll")
+        if not factor or value is None or self.divergence is not None:
+            return
+        first = next(h["retain_nll"] for h in self.history if "retain_nll" in h)
+        limit = factor * max(first, 1.0)
+        if value == value and value <= limit:  # finite and below the limit (NaN fails both comparisons)
+            return
+        self.divergence = {"step": record["step"], "retain_nll": value, "first_retain_nll": first,
+                           "factor": factor}
+        warnings.warn(f"the run is diverging: retain NLL {value:.6g} at step {record['step']}, over {factor:g} x "
+                      f"its step-1 value {first:.6g} (counted from at least 1); lower --lr (divergence_factor sets "
+                      "the factor)", stacklevel=3)
+
+    def _check_weights(self, step: int, ckpt_dir: str | None) -> None:
+        """DivergedError when a trained weight is NaN/inf (one fp32 sum per tensor: the scan of _check_finite)."""
+        local = [m.to_local() if hasattr(m, "to_local") else m for m in self.masters]  # FSDP2: this rank's shard
+        if all(bool(torch.isfinite(m.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(m).all())
+               for m in local):
+            return
+        self._diverged(f"the trained weights hold NaN/inf after step {step}", ckpt_dir)
+
+    def _diverged(self, what: str, ckpt_dir: str | None) -> None:
+        newest = list_checkpoints(ckpt_dir)
+        kept = (f"the newest good checkpoint, {newest[0][1]}, is kept" if newest else "no checkpoint was written")
+        raise DivergedError(f"diverged: {what}; stopped, the model is not saved and {kept}: lower --lr and start "
+                            "again")
 
 
 @torch.no_grad()
@@ -547,24 +594,25 @@ def merge_lora_(model):
 
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
-             max_length: int = 256, image_loader=None) -> float:
+             max_length: int | None = None, image_loader=None) -> float:
     """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path
-    (records with no labelled token left after the max_length cut are not counted)."""
-    values = []
+    (records with no labelled token left after the max_length cut are not counted; max_length None: as the
+    Unlearner's default, data.TEXT_LENGTH text tokens plus the image's, within the model's positions)."""
+    values, positions = [], model_positions(model)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
             else {}
         stats = {}
-        encode(chunk, tokenizer, max_length=max_length, stats=stats, **images)
+        encode(chunk, tokenizer, max_length=max_length, stats=stats, positions=positions, **images)
         # a record cut before its response is left out, and never reaches the model: its cut may fall inside
         # the image tokens, which the model would refuse (tokens and image features no longer match)
         chunk = [r for r, n in zip(chunk, stats["labelled"]) if n > 0]
         if not chunk:
             continue
-        batch = _on_model(encode(chunk, tokenizer, max_length=max_length, **images), model)
+        batch = _on_model(encode(chunk, tokenizer, max_length=max_length, positions=positions, **images), model)
         logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
         values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
-    require(bool(values), f"none of the {len(records)} record(s) keeps a response token after the max_length="
-                          f"{max_length} cut: raise max_length")
+    require(bool(values), f"none of the {len(records)} record(s) keeps a response token after the "
+                          f"{cut_name(max_length)} cut: raise max_length")
     return float(torch.cat(values).mean())
