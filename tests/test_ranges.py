@@ -46,6 +46,8 @@ CONFIG_RANGES = {
     **{name: [(0.0, OK), (-TINY, "must be >= 0")]
        for name in ("forget_weight", "retain_weight", "retain_npo_weight", "rmu_alpha", "rmu_nll_weight",
                     "weight_decay", "nll_bound")},
+    "divergence_factor": [(0.0, OK), (1.0, "must be 0 .no warning. or > 1, got 1.0"), (above(1.0), OK),
+                          (-TINY, "must be 0 .no warning. or > 1")],
     "mask_fraction": [(0.0, r"must be in \(0, 1\]"), (TINY, OK), (1.0, OK), (above(1.0), r"must be in \(0, 1\]")],
 }
 # numeric fields with no range, and why

@@ -9,12 +9,14 @@ test_setting_reaches_its_code with the line to add.
 Adding a case: write `def _my_field(p): ...` under `@case("my_field")` (p is the Probe below: p.run(**settings)
 fits a fresh copy of the tiny LLaVA, p.expected_* give the independent values), 3 to 10 lines.
 """
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,6 +445,36 @@ def _reference_device(p):
     assert [h["loss"] for h in run.history] == pytest.approx([h["loss"] for h in default.history], rel=1e-6)
 
 
+@case("divergence_factor")
+def _divergence_factor(p):
+    """The watcher warns when a step's retain NLL passes factor x max(first, 1): just below and just above that
+    line for a factor off the default, and never with 0."""
+    for factor in (3.0, 0.0):
+        run = p.unlearner(method="gd", divergence_factor=factor)
+        run.history = [{"step": 1, "retain_nll": 2.0}]
+        run._watch_retain(run.history[0])
+        below, above = {"step": 2, "retain_nll": 5.99}, {"step": 3, "retain_nll": 6.01}
+        for record in (below, above):
+            run.history.append(record)
+            with pytest.warns(UserWarning) if factor and record is above else contextlib.nullcontext():
+                run._watch_retain(record)
+        assert (run.divergence or {}).get("step") == (3 if factor else None)
+
+
+@case("save")
+def _save(p):
+    """The files the CLI writes: 'adapter' writes OUT/adapter (PEFT) and no OUT/model, 'merged' the reverse,
+    unset under scope lora both."""
+    with tempfile.TemporaryDirectory(prefix="settings-reach-") as root:
+        root = Path(root)
+        files = _files(root)
+        for save, written in (("adapter", {"adapter"}), ("merged", {"model"}), (None, {"adapter", "model"})):
+            out = root / f"out-{save}"
+            flags = ["--scope", "lora"] + (["--save", save] if save else [])
+            assert _unlearn(p.model_dir, out, *files, *flags) == 0
+            assert set(os.listdir(out)) & {"adapter", "model"} == written
+
+
 # ----------------------------------------------------------------------------- the tests
 FIELDS = [f.name for f in dataclasses.fields(UnlearnConfig)]
 
@@ -550,6 +582,21 @@ def _run_image_root(p, run, tmp_path, capsys):
     assert run["images"] and set(run["images"]) == {str(run["root"] / "imgs" / "a.png")}
     assert _unlearn(p.model_dir, tmp_path / "o", *run["files"]) == 2  # relative to the working folder: not found
     assert "a.png not found" in capsys.readouterr().err
+
+
+@case("overwrite", table=RUN_CASES)
+def _run_overwrite(p, run, tmp_path, capsys):
+    """A finished run's --out is refused without --overwrite (nothing changed) and replaced with it."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    before = (out / "config.json").read_text()
+    flags = [*run["files"], "--image-root", str(run["root"] / "imgs"), "--method", "ga"]
+    assert _unlearn(run["root"] / "model", out, *flags) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "config.json").read_text() == before
+    assert _unlearn(run["root"] / "model", out, *flags, "--overwrite") == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "ga" and not (out / "checkpoints").exists()
 
 
 @case("resume", table=RUN_CASES)
