@@ -5,6 +5,7 @@ backward (the defaults), on this machine. Each (method, scope) runs in a fresh p
 
     python -m bench.rehearse                         # `make rehearse`: NPO x {full, mask, lora}, KL x full, and
                                                      # NPO mask at 3 layers (the per-layer increment)
+    python -m bench.rehearse --probes DIR            # keep each run's result in DIR; a rerun measures only the rest
     python -m bench.rehearse --probe npo mask 2 3    # one run (what the driver calls), prints one JSON line
 
 Writes bench/results/<date>-<device>-rehearse.json. Per run it measures: the bytes of what the run keeps (the
@@ -29,7 +30,7 @@ GB = 1e9
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
 FULL_LAYERS, FULL_VISION_LAYERS = 32, 24
-RUNS = [("npo", "full"), ("npo", "mask"), ("npo", "lora"), ("kl", "full")]
+RUNS = [("npo", "mask"), ("npo", "lora"), ("npo", "full"), ("kl", "full")]  # the targets' scopes first
 SLOPE_RUN = ("npo", "mask")  # also run at one more decoder + vision layer: the activations' per-layer increment
 MASK_FRACTION, TOKENS = 0.05, 1024
 # Issue 26's targets for LLaVA-1.5-7B (NPO, 1,024 tokens a sample, checkpointing on, saliency pass included)
@@ -205,8 +206,24 @@ def main(argv):
     from common import RESULTS_DIR, device_tag, machine, probe_in_subprocess
 
     layers, steps = 2, 3
-    rows = [probe_in_subprocess("bench.rehearse", ["--probe", m, s, layers, steps]) for m, s in RUNS]
-    deeper = probe_in_subprocess("bench.rehearse", ["--probe", *SLOPE_RUN, layers + 1, steps])
+    cache = argv[argv.index("--probes") + 1] if "--probes" in argv else None
+
+    def measure(method, scope, n_layers):
+        """One probe in a fresh process; with --probes DIR its JSON line is kept there and reused by a rerun."""
+        path = os.path.join(cache, f"{method}-{scope}-{n_layers}.json") if cache else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        result = probe_in_subprocess("bench.rehearse", ["--probe", method, scope, n_layers, steps])
+        if path:
+            os.makedirs(cache, exist_ok=True)
+            write_text(path, json.dumps(result))
+        print(f"measured {method} {scope} at {n_layers} layers", flush=True)
+        return result
+
+    rows = [measure(m, s, layers) for m, s in RUNS[:1]]
+    deeper = measure(*SLOPE_RUN, layers + 1)
+    rows += [measure(m, s, layers) for m, s in RUNS[1:]]
     shallow = next(r for r in rows if (r["method"], r["scope"]) == SLOPE_RUN)
     here, there = activations(shallow), activations(deeper)
     # the activations of one more decoder + vision layer (RSS noise can make it negative: then 0)
