@@ -182,3 +182,26 @@ def test_param_adamw_equals_torch_adamw(state):
         opt.step_tensor(ours, grad)
         assert torch.equal(ours, ref.detach())
     assert torch.equal(opt.state[ours]["exp_avg_sq"], torch_opt.state[ref]["exp_avg_sq"])
+
+
+def test_fp16_non_finite_gradient_skips_the_packed_step():
+    """Catches a loss-scaled step taken although an unselected gradient entry was not finite (the step after
+    backward skips it): the weights stay, the scale halves; a finite step then moves only the selected entries."""
+    from unlearn_engine.api.backward_step import InBackwardStep, ParamAdamW
+    from unlearn_engine.api.unlearner import LossScaler
+
+    w = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
+    positions = [torch.tensor([1, 5], dtype=torch.int32)]
+    masters = [w.detach().reshape(-1).index_select(0, positions[0]).float()]
+    scaler = LossScaler(scale=4.0)
+    stepper = InBackwardStep([w], masters, ParamAdamW(masters, lr=0.1, weight_decay=0.0), positions=positions,
+                             scaler=scaler)
+    start = w.detach().clone()
+    stepper.arm()
+    (w * torch.tensor([1, 1, float("inf"), 1, 1, 1, 1, 1], dtype=torch.float16)).sum().backward()
+    assert not stepper.finish() and scaler.scale == 2.0 and torch.equal(w.detach(), start) and w.grad is None
+    stepper.arm()
+    (w * scaler.scale).sum().backward()
+    assert stepper.finish()
+    moved = (w.detach() != start).nonzero().squeeze(1).tolist()
+    assert moved == [1, 5] and torch.allclose(w.detach()[[1, 5]].float(), torch.tensor([0.9, 0.9]), atol=1e-3)
