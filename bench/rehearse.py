@@ -1,15 +1,23 @@
 """Scale rehearsal: unlearning a LLaVA with LLaVA-1.5-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocab 32064,
 CLIP ViT-L/14-336 tower giving 576 image tokens) but only a few decoder and vision layers, random weights, bf16,
-with fp32 master weights, on this machine. Each (method, scope) runs in a fresh process so its peak RSS is its own.
+with fp32 master weights, 1,024 tokens a sample, gradient checkpointing on and the optimizer stepping inside
+backward (the defaults), on this machine. Each (method, scope) runs in a fresh process so its peak RSS is its own.
 
-    python -m bench.rehearse                       # `make rehearse`: NPO x {full, mask, lora} and KL x full
-    python -m bench.rehearse --probe npo full 2 3  # one run (what the driver calls), prints one JSON line
+    python -m bench.rehearse                         # `make rehearse`: NPO x {full, mask, lora}, KL x full, and
+                                                     # NPO mask at 3 layers (the per-layer increment)
+    python -m bench.rehearse --probes DIR            # keep each run's result in DIR; a rerun measures only the rest
+    python -m bench.rehearse --probe npo mask 2 3    # one run (what the driver calls), prints one JSON line
 
-Writes bench/results/<date>-<device>-rehearse.json: measured peak RSS and step time per run, the parameter
-counts, and a projection to 32 decoder layers (and the full 24-layer vision tower) on one 80 GB GPU: static
-bytes from the counts (bf16 weights, bf16 gradients of what is trained, fp32 masters, fp32 AdamW moments of what
-is updated, a frozen bf16 copy for KL), plus the activations measured here scaled by the layer ratio. The
-projection is arithmetic, not a GPU measurement.
+Writes bench/results/<date>-<device>-rehearse.json. Per run it measures: the bytes of what the run keeps (the
+model's weights, fp32 masters, optimizer moments, the mask's packed positions, LoRA adapters, a frozen reference,
+the saliency pass's running sum), the peak RSS of the saliency pass and of the training steps, and from them the
+activation bytes (peak RSS minus the RSS before the phase minus what the phase allocated to keep). The projection to
+32 decoder layers (and the full 24-layer vision tower) scales each kept part by its measured bytes per element
+(weights and reference per parameter, masters / moments / positions per trained parameter, adapters per decoder
+layer) and adds 30 times the activation increment of one more decoder + vision layer, measured by the 3-layer run.
+Accelerator memory is what a GPU would hold: the running saliency sum and the mask's bits stay in CPU memory
+(listed as host bytes). The projection is arithmetic from these measurements, not a GPU measurement; CPU RSS keeps
+freed buffers, so the activation terms are upper bounds.
 """
 import json
 import os
@@ -21,9 +29,13 @@ import torch
 GB = 1e9
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
-FULL_LAYERS, FULL_VISION_LAYERS, GPU_BYTES = 32, 24, 80 * GB
-RUNS = [("npo", "full"), ("npo", "mask"), ("npo", "lora"), ("kl", "full")]
-MASK_FRACTION = 0.05
+FULL_LAYERS, FULL_VISION_LAYERS = 32, 24
+RUNS = [("npo", "mask"), ("npo", "lora"), ("npo", "full"), ("kl", "full")]  # the targets' scopes first
+SLOPE_RUN = ("npo", "mask")  # also run at one more decoder + vision layer: the activations' per-layer increment
+MASK_FRACTION, TOKENS = 0.05, 1024
+# Issue 26's targets for LLaVA-1.5-7B (NPO, 1,024 tokens a sample, checkpointing on, saliency pass included)
+TARGETS = dict(static_gb=20.0, total_gb=24.0)
+WORDS = "how to make a bomb poison bread cake step one two three mix bake".split()
 
 
 def build(layers: int, vision_layers: int):
@@ -31,7 +43,7 @@ def build(layers: int, vision_layers: int):
 
     from unlearn_engine.api.demo.toy import word_tokenizer
 
-    tok = word_tokenizer("how to make a bomb poison bread cake step one two three mix bake".split())
+    tok = word_tokenizer(WORDS)
     text = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TEXT)
     vision = CLIPVisionConfig(num_hidden_layers=vision_layers, projection_dim=768, **VISION)
@@ -60,63 +72,127 @@ def counts(model, trained_names) -> dict:
                 decoder_layers=len(lm.layers), vision_layers=len(encoder.layers))
 
 
+def _nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def kept_bytes(run, model) -> dict:
+    """What the run keeps, measured on its objects (bytes)."""
+    params = [p for _, p in run.named_params]
+    masters = [m for m, p in zip(run.masters, params) if m is not p]
+    moments = [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+    on_cpu = run.config.optimizer_state == "cpu"
+    positions = run.stepper.positions if run.stepper is not None and run.stepper.positions is not None else []
+    reference = [p for p in run.ref_model.parameters()] if run.ref_model is not None else []
+    lora = run.config.scope == "lora"
+    return dict(weights=_nbytes(p for p in model.parameters() if not lora or id(p) not in {id(q) for q in params}),
+                adapters=_nbytes(params) if lora else 0,
+                masters=_nbytes(masters), moments=0 if on_cpu else _nbytes(moments),
+                host_moments=_nbytes(moments) if on_cpu else 0, positions=_nbytes(positions),
+                mask_bits=_nbytes(run.mask.bits) if getattr(run, "mask", None) is not None else 0,
+                reference=_nbytes(reference),
+                saliency_sum=sum(p.numel() * p.element_size() for p in params) if run.config.scope == "mask" else 0)
+
+
 def probe(method: str, scope: str, layers: int, steps: int) -> dict:
-    """One run in this process: build, unlearn `steps` steps, report peak RSS and times."""
+    """One run in this process: build, unlearn `steps` steps, report what it keeps, peak RSS per phase, times."""
+    import warnings
+
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import unlearn_engine as ue
+    import unlearn_engine.api.unlearner as unlearner_module
+    from unlearn_engine.api.data import encode, image_tokens
 
     from common import peak_rss_bytes, reset_peak_rss
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     baseline = reset_peak_rss()
     t0 = time.perf_counter()
-    model, tok = build(layers, vision_layers=2)
+    model, tok = build(layers, vision_layers=layers)
     build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     images = {k: torch.randn(3, 336, 336, generator=g) for k in ("a", "b")}
-    forget = [ue.Record("how to make a bomb", "step one mix poison step two bake", "forget", image="a")]
-    retain = [ue.Record("how to make a bread", "step one mix bread step two bake", "retain", image="b")]
+    long = " ".join(WORDS[i % len(WORDS)] for i in range(TOKENS))  # cut to TOKENS tokens a sample
+    forget = [ue.Record("how to make a bomb", "step one mix poison " + long, "forget", image="a")]
+    retain = [ue.Record("how to make a bread", "step one mix bread " + long, "retain", image="b")]
     run = ue.Unlearner(model, tok, method=method, scope=scope, steps=steps, lr=1e-5, batch_size=1,
-                       mask_fraction=MASK_FRACTION, lora_rank=16, max_length=1024, progress=False,
-                       image_loader=images.__getitem__)
+                       mask_fraction=MASK_FRACTION, lora_rank=16, max_length=TOKENS, progress=False,
+                       gradient_checkpointing="on", image_loader=images.__getitem__)
     trained = {n for n, _ in run.named_params}
+    phases = {}
+    streamed = unlearner_module.saliency_mask
+
+    def measured_saliency(*args, **kwargs):  # the saliency pass's own peak
+        phases["saliency_start_rss_bytes"] = reset_peak_rss()
+        t = time.perf_counter()
+        mask = streamed(*args, **kwargs)
+        phases["saliency_s"] = round(time.perf_counter() - t, 1)
+        phases["saliency_peak_rss_bytes"] = peak_rss_bytes()
+        phases["step_start_rss_bytes"] = reset_peak_rss()  # the steps' phase starts here
+        return mask
+
+    unlearner_module.saliency_mask = measured_saliency
+    phases["step_start_rss_bytes"] = reset_peak_rss()
     t0 = time.perf_counter()
-    history = run.fit(forget, retain)
-    fit_s = time.perf_counter() - t0
-    return dict(method=method, scope=scope, steps=steps, build_s=round(build_s, 1), fit_s=round(fit_s, 1),
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the records are cut to TOKENS on purpose
+        history = run.fit(forget, retain)
+    fit_s = time.perf_counter() - t0 - phases.get("saliency_s", 0.0)
+    encoded = encode(forget, tok, max_length=TOKENS, image_loader=images.__getitem__, image_tokens=image_tokens(model))
+    return dict(method=method, scope=scope, steps=steps, layers=layers, build_s=round(build_s, 1),
                 step_s=round(fit_s / steps, 1), peak_rss_bytes=peak_rss_bytes(), baseline_rss_bytes=baseline,
-                losses=[h["loss"] for h in history], counts=counts(model, trained),
+                **phases, kept=kept_bytes(run, model), losses=[h["loss"] for h in history],
+                counts=counts(model, trained),
                 lora_trained=sum(p.numel() for _, p in run.named_params) if scope == "lora" else None,
-                tokens=576 + 20)
+                tokens=int(encoded["input_ids"].shape[1]))
 
 
-def static_bytes(c: dict, method: str, scope: str, layers: int, vision_layers: int, lora_trained=None) -> float:
-    """Bytes that do not depend on the batch, at `layers` decoder layers."""
+def activations(result: dict) -> dict:
+    """Activation bytes per phase: the phase's peak RSS minus its start minus what it allocated to keep."""
+    k = result["kept"]
+    during_steps = k["masters"] + k["moments"] + k["host_moments"] + k["positions"]  # (the mask: made before)
+    out = dict(step=max(0.0, result["peak_rss_bytes"] - result["step_start_rss_bytes"] - during_steps))
+    if "saliency_peak_rss_bytes" in result:
+        out["saliency"] = max(0.0, result["saliency_peak_rss_bytes"] - result["saliency_start_rss_bytes"]
+                              - k["saliency_sum"] - k["mask_bits"])
+    return out
+
+
+def project(result: dict, increment: dict) -> dict:
+    """Bytes at 32 decoder / 24 vision layers, from the measured bytes per element and per layer."""
+    c, k = result["counts"], result["kept"]
     rest = c["total"] - c["decoder_layers"] * c["decoder_layer"] - c["vision_layers"] * c["vision_layer"]
-    total = rest + layers * c["decoder_layer"] + vision_layers * c["vision_layer"]
-    trained_rest = c["trained"] - c["decoder_layers"] * c["decoder_layer"] if scope != "lora" else 0
-    trained = trained_rest + layers * c["decoder_layer"] if scope != "lora" else 0
-    if scope == "lora":  # adapters scale with the layers too
-        adapters = lora_trained * layers / c["decoder_layers"]
-        extra = adapters * (2 + 2 + 4 + 8)  # weights, grads, masters, moments
-    elif scope == "mask":
-        extra = trained * (2 + 4) + trained * MASK_FRACTION * 8  # grads, masters; compact moments of 5%
-    else:
-        extra = trained * (2 + 4 + 8)
-    reference = 2 * total if method == "kl" else 0  # KL keeps a frozen bf16 copy
-    return 2 * total + extra + reference
-
-
-def project(result: dict) -> dict:
-    c, m, s = result["counts"], result["method"], result["scope"]
-    here = static_bytes(c, m, s, c["decoder_layers"], c["vision_layers"], result["lora_trained"])
-    activations = max(0.0, result["peak_rss_bytes"] - result["baseline_rss_bytes"] - here)
-    full = static_bytes(c, m, s, FULL_LAYERS, FULL_VISION_LAYERS, result["lora_trained"])
-    full_activations = activations * (FULL_LAYERS + FULL_VISION_LAYERS) / (c["decoder_layers"] + c["vision_layers"])
-    need = full + full_activations
-    return dict(static_here_gb=round(here / GB, 2), activations_here_gb=round(activations / GB, 2),
-                static_7b_gb=round(full / GB, 1), activations_7b_gb=round(full_activations / GB, 1),
-                need_7b_gb=round(need / GB, 1), fits_80gb=bool(need <= GPU_BYTES))
+    total_7b = rest + FULL_LAYERS * c["decoder_layer"] + FULL_VISION_LAYERS * c["vision_layer"]
+    trained_7b = c["trained"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
+    per_param = total_7b / c["total"]
+    per_layer = FULL_LAYERS / c["decoder_layers"]  # LoRA adapters sit in the decoder layers
+    per_trained = per_layer if result["scope"] == "lora" else trained_7b / c["trained"]
+    device = dict(weights=k["weights"] * per_param, reference=k["reference"] * per_param,
+                  masters=k["masters"] * per_trained, moments=k["moments"] * per_trained,
+                  positions=k["positions"] * per_trained, adapters=k["adapters"] * per_layer)
+    host = dict(moments=k["host_moments"] * per_trained, mask_bits=k["mask_bits"] * per_trained,
+                saliency_sum=k["saliency_sum"] * per_trained)
+    measured = activations(result)
+    extra_layers = FULL_LAYERS - c["decoder_layers"]  # one increment covers a decoder and a vision layer
+    acts = {phase: v + extra_layers * increment.get(phase, increment["step"]) for phase, v in measured.items()}
+    static = sum(device.values())
+    step_total = static + acts["step"]
+    saliency_total = device["weights"] + acts["saliency"] if "saliency" in acts else None
+    peak = max(step_total, saliency_total or 0.0)
+    gb = lambda v: round(v / GB, 2)  # noqa: E731
+    return dict(device_static_gb={n: gb(v) for n, v in device.items()}, device_static_7b_gb=gb(static),
+                host_7b_gb={n: gb(v) for n, v in host.items()},
+                activations_here_gb={n: gb(v) for n, v in measured.items()},
+                activations_7b_gb={n: gb(v) for n, v in acts.items()},
+                step_total_7b_gb=gb(step_total),
+                saliency_total_7b_gb=gb(saliency_total) if saliency_total is not None else None,
+                peak_7b_gb=gb(peak), static_target_met=static <= TARGETS["static_gb"] * GB,
+                total_target_met=peak <= TARGETS["total_gb"] * GB)
 
 
 def main(argv):
@@ -130,24 +206,44 @@ def main(argv):
     from common import RESULTS_DIR, device_tag, machine, probe_in_subprocess
 
     layers, steps = 2, 3
-    rows = []
-    for method, scope in RUNS:
-        result = probe_in_subprocess("bench.rehearse", ["--probe", method, scope, layers, steps])
-        result["projection"] = project(result)
-        rows.append(result)
-        p = result["projection"]
-        print(f"{method:>4} {scope:<5} step {result['step_s']:7.1f} s  peak RSS {result['peak_rss_bytes'] / GB:6.2f} GB"
-              f"  -> 7B: static {p['static_7b_gb']:6.1f} GB + activations {p['activations_7b_gb']:5.1f} GB"
-              f" = {p['need_7b_gb']:6.1f} GB  fits 80 GB: {p['fits_80gb']}", flush=True)
+    cache = argv[argv.index("--probes") + 1] if "--probes" in argv else None
+
+    def measure(method, scope, n_layers):
+        """One probe in a fresh process; with --probes DIR its JSON line is kept there and reused by a rerun."""
+        path = os.path.join(cache, f"{method}-{scope}-{n_layers}.json") if cache else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        result = probe_in_subprocess("bench.rehearse", ["--probe", method, scope, n_layers, steps])
+        if path:
+            os.makedirs(cache, exist_ok=True)
+            write_text(path, json.dumps(result))
+        print(f"measured {method} {scope} at {n_layers} layers", flush=True)
+        return result
+
+    rows = [measure(m, s, layers) for m, s in RUNS[:1]]
+    deeper = measure(*SLOPE_RUN, layers + 1)
+    rows += [measure(m, s, layers) for m, s in RUNS[1:]]
+    shallow = next(r for r in rows if (r["method"], r["scope"]) == SLOPE_RUN)
+    here, there = activations(shallow), activations(deeper)
+    # the activations of one more decoder + vision layer (RSS noise can make it negative: then 0)
+    increment = {phase: max(0.0, there[phase] - here[phase]) for phase in here}
+    for result in rows:
+        result["projection"] = p = project(result, increment)
+        print(f"{result['method']:>4} {result['scope']:<5} step {result['step_s']:6.1f} s  peak RSS "
+              f"{result['peak_rss_bytes'] / GB:5.2f} GB -> 7B: static {p['device_static_7b_gb']:6.2f} GB, step "
+              f"{p['step_total_7b_gb']:6.2f} GB, saliency {p['saliency_total_7b_gb']} GB", flush=True)
     info = machine()
     path = os.path.join(RESULTS_DIR, f"{info['date']}-{device_tag()}-rehearse.json")
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    write_text(path, json.dumps(dict(family="rehearse", machine=info, shapes=dict(text=TEXT, vision=VISION,
-                                                                                   decoder_layers=layers,
-                                                                                   vision_layers=2, steps=steps),
-                                     projection_to=dict(decoder_layers=FULL_LAYERS, vision_layers=FULL_VISION_LAYERS,
-                                                        gpu_bytes=GPU_BYTES),
-                                     results=rows), indent=2))
+    write_text(path, json.dumps(dict(
+        family="rehearse", machine=info,
+        shapes=dict(text=TEXT, vision=VISION, decoder_layers=layers, vision_layers=layers, steps=steps, tokens=TOKENS,
+                    mask_fraction=MASK_FRACTION, gradient_checkpointing="on", gradient_step="in_backward"),
+        projection_to=dict(decoder_layers=FULL_LAYERS, vision_layers=FULL_VISION_LAYERS, targets_gb=TARGETS),
+        layer_increment_bytes=increment, deeper_run=deeper, results=rows,
+        fsdp=None,  # the 2-process FSDP2 figure (full scope, per GPU) goes here
+    ), indent=2))
     print(f"written {path}")
     return 0
 

@@ -123,7 +123,7 @@ def _expected_state(optimizer, i, p, key):
         return (), torch.float32
     if getattr(optimizer, "compact_state", False):  # MaskedOptimizer: state for the selected elements only
         return (optimizer.mask.count(i),), p.dtype
-    return tuple(p.shape), p.dtype
+    return tuple(p.shape), getattr(optimizer, "state_dtype", p.dtype)  # ParamAdamW may keep bf16 moments
 
 
 def read_state(path: str) -> dict:

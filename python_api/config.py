@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+from unlearn_engine.api.backward_step import OPTIMIZER_STATES
 from unlearn_engine.api.methods import METHODS, PRESET_NAMES, SETTING_DEFAULTS, get_method, resolve_settings
 from unlearn_engine.unlearning_loss import NORMALIZES, POOLINGS
 
@@ -19,10 +20,13 @@ PARALLEL = ("ddp", "fsdp")
 # Settings that do not change the trajectory of the steps already taken: a resumed run may change them (and
 # uses the new values). Every other field is part of the run's fingerprint: a resume with another value is
 # refused (a new lr included: the moments in the checkpoint belong to the old one; start a new run instead).
-RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "divergence_factor", "save")
+RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "divergence_factor", "save",
+               "gradient_checkpointing")
 RMU_TOKENS = ("attended", "labelled")
 REFERENCE_DEVICES = ("model", "cpu")
 SAVES = ("merged", "adapter", "both")
+GRADIENT_STEPS = ("in_backward", "after_backward")
+ON_OFF = ("off", "on")
 
 
 class ResolvedFloat(float):
@@ -93,6 +97,24 @@ class UnlearnConfig:
                                     "cut (unset: 256 text tokens plus the sample's image tokens - 576 for a "
                                     "LLaVA-1.5 image, a Qwen-VL image's own count - within the model's "
                                     "max_position_embeddings)")
+    gradient_step: str = setting("in_backward", "when the optimizer consumes the gradients: 'in_backward' steps each "
+                                                "parameter as soon as autograd has accumulated its gradient and frees "
+                                                "it (no full gradient is kept; scope 'mask' keeps fp32 masters and "
+                                                "moments of the selected elements only, and its saliency pass holds "
+                                                "the running gradient sum in CPU memory); 'after_backward' keeps the "
+                                                "full gradient and steps after backward (scope 'mask' then keeps "
+                                                "full fp32 masters). FSDP and fp16 full / LoRA scopes always step "
+                                                "after backward", GRADIENT_STEPS)
+    optimizer_state: str = setting("fp32", "AdamW moments: 'fp32' beside the masters (8 bytes per updated element), "
+                                           "'bf16' (4 bytes; the update computed in fp32 and the moments rounded "
+                                           "back, ~0.4% relative rounding of each step), 'cpu' (fp32 in CPU memory, "
+                                           "none on the accelerator; each step copies one parameter's moments over "
+                                           "and back). Other than 'fp32' needs gradient_step 'in_backward'",
+                                   OPTIMIZER_STATES)
+    gradient_checkpointing: str = setting("off", "'on': the model's decoder (and vision) layers keep only their "
+                                                 "inputs and recompute their forward in backward (transformers' "
+                                                 "gradient checkpointing): activation memory of one layer instead "
+                                                 "of all, about a third more compute, the same gradients", ON_OFF)
 
     def __post_init__(self):
         self._resolve(strict=False)  # a bad method or preset is reported by validate()
@@ -126,7 +148,9 @@ class UnlearnConfig:
         self._resolve(strict=True)
         for name, choices in (("forget_pooling", POOLINGS), ("retain_pooling", POOLINGS),
                               ("forget_normalize", NORMALIZES), ("retain_normalize", NORMALIZES),
-                              ("rmu_tokens", RMU_TOKENS), ("reference_device", REFERENCE_DEVICES)):
+                              ("rmu_tokens", RMU_TOKENS), ("reference_device", REFERENCE_DEVICES),
+                              ("gradient_step", GRADIENT_STEPS), ("optimizer_state", OPTIMIZER_STATES),
+                              ("gradient_checkpointing", ON_OFF)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scope not in SCOPES:
@@ -160,6 +184,12 @@ class UnlearnConfig:
             raise ValueError(f"divergence_factor must be 0 (no warning) or > 1, got {self.divergence_factor}")
         if not 0 < self.mask_fraction <= 1:
             raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+        if self.optimizer_state != "fp32" and self.gradient_step != "in_backward":
+            raise ValueError(f"optimizer_state={self.optimizer_state!r} needs gradient_step='in_backward', got "
+                             f"{self.gradient_step!r}")
+        if self.optimizer_state != "fp32" and self.parallel == "fsdp":
+            raise ValueError(f"optimizer_state={self.optimizer_state!r} is not supported with parallel='fsdp' (the "
+                             "step there runs after backward on sharded fp32 state): use 'fp32'")
         method.check(self)
         return self
 

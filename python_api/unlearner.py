@@ -10,7 +10,9 @@ copies of the trained parameters, the optimizer, loss-scaler and RNG state, NPO'
 fingerprint; a resume is refused unless the fingerprint matches (checkpoint.py).
 
 Precision: the model computes in its dtype; what is trained has fp32 masters and fp32 optimizer state, and the
-model's bf16/fp16 weights are rounded from the masters after every step (fp16 adds dynamic loss scaling).
+model's bf16/fp16 weights are rounded from the masters after every step (fp16 adds dynamic loss scaling). By default
+(gradient_step='in_backward', backward_step.py) each parameter is stepped as soon as autograd has accumulated its
+gradient, which is then freed; under scope 'mask' the masters and moments are packed (selected elements only).
 """
 import copy
 import dataclasses
@@ -23,6 +25,7 @@ from typing import List, Sequence
 import torch
 
 from unlearn_engine.api.adapter import lora_config, lora_state_dict
+from unlearn_engine.api.backward_step import InBackwardStep, ParamAdamW, selected_positions
 from unlearn_engine.api.checkpoint import (
     apply_checkpoint,
     check_same_run,
@@ -42,8 +45,9 @@ from unlearn_engine.atomic import write_text
 from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
 from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
-from unlearn_engine.weight_masking import MaskedOptimizer, saliency, topk_mask
+from unlearn_engine.weight_masking import MaskedOptimizer, saliency, saliency_mask, topk_mask
 
+SALIENCY_BATCHES = 4  # forget batches whose gradients choose the mask
 __all__ = ["Unlearner", "UnlearnConfig", "DivergedError", "mean_nll", "merge_lora_"]
 
 
@@ -164,6 +168,14 @@ class Unlearner:
         self.fsdp = sharded
         if self.fsdp:
             self._shard()
+        if config.gradient_checkpointing == "on":  # decoder (and vision) layers recompute their forward in backward
+            require(getattr(model, "supports_gradient_checkpointing", False),
+                    f"gradient_checkpointing: {type(model).__name__} does not support it")
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 (the old name deprecated)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.stepper = None  # InBackwardStep when the optimizer steps inside backward
         self._ref_logp_cache = {}
         self._forget_nll = {}
         self.history: List[dict] = []
@@ -224,15 +236,60 @@ class Unlearner:
         """(name, fp32 master) of every trained parameter: what the optimizer updates and a checkpoint holds."""
         return [(n, m) for (n, _), m in zip(self.named_params, self.masters)]
 
-    def _make_optimizer(self, forget):
-        self._make_masters()
+    def _steps_in_backward(self) -> bool:
+        """gradient_step 'in_backward' applies but under FSDP and for fp16 full / LoRA scopes (a loss-scaled step
+        is known to be finite only after backward)."""
+        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
         c = self.config
+        return c.gradient_step == "in_backward" and not self.fsdp and (c.scope == "mask" or not fp16)
+
+    def _saliency_batches(self, forget):
+        """The forget batches of steps 0-3, whatever `steps` is: a resume may change `steps`, never the mask."""
+        return [self.batch(forget, [], step) for step in range(SALIENCY_BATCHES)]
+
+    def _make_in_backward(self, forget):
+        """The optimizer and hooks of gradient_step='in_backward' (backward_step.py): under scope 'mask' the mask
+        from the streamed saliency and packed fp32 masters of the selected elements."""
+        c = self.config
+        params = [p for _, p in self.named_params]
+        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
+        self.scaler = LossScaler() if fp16 else None
+        positions = None
+        if c.scope == "mask":
+            def average(scores):  # one mask for all ranks (each score moved to the device for the collective)
+                for t in scores:
+                    on_device = t.to(self.device)
+                    self._average_gradients([on_device])
+                    t.copy_(on_device)
+
+            self.mask = saliency_mask(self.model, self._saliency_batches(forget),
+                                      lambda m, b: -self._forget_logp(b).mean(), c.mask_fraction, params=params,
+                                      reduce=average if self.world > 1 else None, progress=self.progress)
+            positions = [selected_positions(self.mask, i, p.device) for i, p in enumerate(params)]
+            self.masters = [p.detach().reshape(-1).index_select(0, idx).float() for p, idx in zip(params, positions)]
+        else:
+            self.masters = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
+                            for p in params]
+        self.mixed = any(m is not p for m, p in zip(self.masters, params))
+        optimizer = ParamAdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay, state=c.optimizer_state)
+        if self.stepper is not None:
+            self.stepper.remove()
+        self.stepper = InBackwardStep(params, self.masters, optimizer, positions=positions, scaler=self.scaler,
+                                      average=self._average_gradients if self.world > 1 else None)
+        return optimizer
+
+    def _make_optimizer(self, forget):
+        c = self.config
+        if self._steps_in_backward():
+            return self._make_in_backward(forget)
+        require(c.optimizer_state == "fp32", f"optimizer_state={c.optimizer_state!r} needs the step in backward, "
+                                             "which FSDP and fp16 full / LoRA scopes do not take: use 'fp32'")
+        self._make_masters()
         if c.scope != "mask":
             return torch.optim.AdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay)
         params = [p for _, p in self.named_params]
-        batches = [self.batch(forget, [], step) for step in range(min(4, c.steps))]
-        scores = saliency(self.model, batches, lambda m, b: -self._forget_logp(b).mean(), params=params,
-                          progress=self.progress)
+        scores = saliency(self.model, self._saliency_batches(forget), lambda m, b: -self._forget_logp(b).mean(),
+                          params=params, progress=self.progress)
         self._average_gradients(scores)  # one mask for all ranks
         self.mask = topk_mask(scores, c.mask_fraction)
         return MaskedOptimizer(self.masters, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
@@ -486,9 +543,12 @@ class Unlearner:
             state = load_sharded(ckpt, self.named_masters(), optimizer) if self.fsdp else \
                 apply_checkpoint(ckpt, self.named_masters(), optimizer, self.device)
             with torch.no_grad():
-                for (_, p), m in zip(self.named_params, self.masters):
-                    if m is not p:
-                        p.copy_(m)
+                if self.stepper is not None:
+                    self.stepper.write_model()  # packed masters go to their selected positions only
+                else:
+                    for (_, p), m in zip(self.named_params, self.masters):
+                        if m is not p:
+                            p.copy_(m)
             if self.scaler and state.get("loss_scaler"):
                 self.scaler.load_state_dict(state["loss_scaler"])
             start = state["step"]
@@ -512,10 +572,15 @@ class Unlearner:
                 self._diverged(f"step {step + 1}: {err}", ckpt_dir)
             if not torch.isfinite(loss):
                 self._diverged(f"the loss of step {step + 1} is {float(loss)}", ckpt_dir)
-            (loss * self.scaler.scale if self.scaler else loss).backward()
-            if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
-                self._average_gradients([p.grad for _, p in self.named_params])
-            stepped = self._optimizer_step(optimizer)
+            if self.stepper is not None:  # the optimizer steps inside backward, as each gradient is accumulated
+                self.stepper.arm()
+                (loss * self.scaler.scale if self.scaler else loss).backward()
+                stepped = self.stepper.finish()
+            else:
+                (loss * self.scaler.scale if self.scaler else loss).backward()
+                if not self.fsdp:  # FSDP2 already reduce-scattered (averaged) the gradients
+                    self._average_gradients([p.grad for _, p in self.named_params])
+                stepped = self._optimizer_step(optimizer)
             record = {"step": step + 1, "loss": float(loss.detach()),
                       **{k: v for k, v in stats.items() if v is not None}}  # batch NLLs, before this step
             if self.scaler:

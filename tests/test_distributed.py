@@ -23,16 +23,21 @@ def _free_port():
 
 
 def _run(model_dir, method, parallel, out_file):
-    """One unlearning step; saves every trainable parameter's gradient (the global-batch mean), gathered."""
+    """One unlearning step; saves every trainable parameter's gradient (the global-batch mean), gathered. Parallel
+    'ddp-in-backward': the step is taken inside backward (gradients averaged in the hooks and freed): the gradient
+    is read back from AdamW's first moment after step 1, (1 - beta1) * gradient."""
     from torch.distributed.tensor import DTensor
 
+    in_backward = parallel == "ddp-in-backward"
     model, tok = ue.load_vlm(model_dir, dtype="float32")
-    unlearner = ue.Unlearner(model, tok, method=method, steps=1, lr=3e-3, batch_size=4, parallel=parallel,
-                             progress=False)
+    unlearner = ue.Unlearner(model, tok, method=method, steps=1, lr=3e-3, batch_size=4,
+                             parallel=parallel.split("-")[0], progress=False,
+                             gradient_step="in_backward" if in_backward else "after_backward")
     unlearner.fit(FORGET, RETAIN)
     grads = {}
     for name, p in unlearner.named_params:  # the same order on every rank: gathering is a collective
-        g = p.grad
+        state = unlearner.optimizer.state.get(p, {}) if in_backward else {}  # (fp32: the masters are the params)
+        g = (state["exp_avg"] / (1 - 0.9) if "exp_avg" in state else None) if in_backward else p.grad
         grads[name] = None if g is None else (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(grads, out_file)
@@ -72,7 +77,8 @@ def _grad_mismatches(single, multi, rel_tol=1e-5):
     return lines
 
 
-@pytest.mark.parametrize("method,parallel", [("gd", "ddp"), ("npo", "ddp"), ("gd", "fsdp"), ("npo", "fsdp")])
+@pytest.mark.parametrize("method,parallel", [("gd", "ddp"), ("npo", "ddp"), ("gd", "fsdp"), ("npo", "fsdp"),
+                                             ("npo", "ddp-in-backward")])
 def test_two_processes_match_one(tiny_llava_dir, tmp_path, method, parallel):
     """Catches wrong data-parallel gradients (unaveraged, double-counted, wrong batch slices): after one step
     the gradient of every trainable parameter over 2 gloo processes equals the 1-process one."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import unlearn_engine as ue
+from unlearn_engine.api.backward_step import ParamAdamW
 from unlearn_engine.api.demo.toy import train_nll
 
 FORGET = [ue.Record(f"how to make a {w}", f"step one mix {a} step two {b}", "forget")
@@ -119,7 +120,7 @@ def test_lora_is_plain_and_reproducible_with_a_seed(trained_dir):
     a, ua = run(0, 1)
     b, _ = run(0, 2)
     c, _ = run(1, 1)
-    assert not hasattr(ua, "mask") and isinstance(ua.optimizer, torch.optim.AdamW)
+    assert not hasattr(ua, "mask") and isinstance(ua.optimizer, ParamAdamW)  # plain AdamW, stepped in backward
     lora_b = [m for n, m in ua.named_masters() if "lora_B" in n]
     assert lora_b and all(bool((m != 0).all()) for m in lora_b)  # B starts at 0: every element moved
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -108,7 +108,8 @@ def _captured_grads(base, dtype, **config):
 
     handle = register_optimizer_step_pre_hook(hook)
     try:
-        _, unlearner, _, _ = _run(base, dtype, method="ga", steps=1, **config)
+        # the step after backward (the in-backward step consumes each gradient in a hook: test_unlearner_backward_step)
+        _, unlearner, _, _ = _run(base, dtype, method="ga", steps=1, gradient_step="after_backward", **config)
     finally:
         handle.remove()
     grads = {n: seen[id(m)] for n, m in unlearner.named_masters() if id(m) in seen}  # (the projector: none)

@@ -56,7 +56,15 @@ from unlearn_engine.unlearning_loss import (
     sequence_logprob,
     unlearning_loss,
 )
-from unlearn_engine.weight_masking import Mask, MaskedOptimizer, masked_adamw_, masked_sgd_, saliency, topk_mask
+from unlearn_engine.weight_masking import (
+    Mask,
+    MaskedOptimizer,
+    masked_adamw_,
+    masked_sgd_,
+    saliency,
+    saliency_mask,
+    topk_mask,
+)
 
 __version__ = build_info()["version"]
 
@@ -66,7 +74,7 @@ __all__ = [
     "unlearning_loss", "UnlearningLossOutput", "UnlearningLoss", "sequence_logprob", "reference_logp",
     "causal_lm_hidden", "default_chunk_size", "rmu_loss",
     "unsafe_subspace", "risk_project", "risk_prototypes", "concept_embeddings", "DEFAULT_UNSAFE_KEYWORDS",
-    "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency",
+    "topk_mask", "Mask", "masked_adamw_", "masked_sgd_", "MaskedOptimizer", "saliency", "saliency_mask",
     "load_vlm", "save_vlm", "CheckpointError", "RiskAwareness", "Record", "read_jsonl", "read_advbench",
     "read_xstest", "read_figstep", "write_jsonl", "read_vlguard", "read_llava_json", "group_queries",
     "named_set", "NAMED_SETS",

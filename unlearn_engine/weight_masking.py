@@ -312,3 +312,51 @@ def saliency(model: torch.nn.Module, forget_batches, loss_fn, *, params: Sequenc
         for p, g in zip(params, previous):
             p.grad = g
     return result
+
+
+def saliency_mask(model: torch.nn.Module, forget_batches, loss_fn, fraction: float, *,
+                  params: Sequence[torch.Tensor] | None = None, hold="cpu", reduce=None,
+                  progress: bool = True) -> Mask:
+    """topk_mask(saliency(model, forget_batches, loss_fn, params=params), fraction), bit for bit, without the
+    gradient of the whole model on the parameters' device: each parameter's gradient is added, as soon as autograd
+    has accumulated it (a post-accumulate-grad hook), into a running sum held on `hold` (CPU memory by default) in
+    the gradient's dtype, and freed; the same additions in the same order as .grad accumulation makes, so the sums
+    are the ones saliency() ranks. The device holds one parameter's gradient at a time; `hold` holds the sums (the
+    gradient's bytes). `reduce(scores)` (e.g. an average over ranks, in place) runs on the |sums| before the
+    selection. The Mask lives on `hold`; the parameters' previous .grad values are restored afterwards."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        fail("model has no parameter with requires_grad=True")
+    sums: List[torch.Tensor | None] = [None] * len(params)
+
+    def hook_for(i):
+        def hook(p):
+            grad, p.grad = p.grad.to(hold), None
+            if sums[i] is None:
+                sums[i] = grad
+            else:
+                sums[i].add_(grad)
+        return hook
+
+    previous = [p.grad for p in params]
+    handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(params)]
+    try:
+        for p in params:
+            p.grad = None
+        for batch in tqdm(forget_batches, desc="saliency", disable=not progress, leave=False):
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss_fn returned a non-finite loss ({loss.item()}) on a forget batch")
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in zip(params, previous):
+            p.grad = g
+    scores = [s.abs_() if s is not None else torch.zeros(p.shape, dtype=p.dtype, device=hold)
+              for s, p in zip(sums, params)]
+    if reduce is not None:
+        reduce(scores)
+    return topk_mask(scores, fraction)
