@@ -475,6 +475,45 @@ def _save(p):
             assert set(os.listdir(out)) & {"adapter", "model"} == written
 
 
+@case("gradient_step")
+def _gradient_step(p):
+    """'in_backward' (default) keeps the mask scope's fp32 masters packed, the selected elements only, and steps
+    inside backward; 'after_backward' keeps full masters and steps after it: the same weights either way."""
+    settings = dict(method="gd", scope="mask", mask_fraction=0.1, steps=2)
+    packed, dense = p.run(**settings), p.run(gradient_step="after_backward", **settings)
+    assert packed.stepper is not None and dense.stepper is None
+    selected = packed.mask.count()
+    assert sum(m.numel() for m in packed.masters) == selected < sum(m.numel() for m in dense.masters)
+    for (_, a), (_, b) in zip(packed.named_params, dense.named_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@case("optimizer_state")
+def _optimizer_state(p):
+    """The AdamW moments' dtype and device: fp32 beside the masters by default, bf16 when asked (the run then
+    differs from fp32's by the moments' rounding only)."""
+    fp32, bf16 = p.run(method="gd", steps=2), p.run(method="gd", steps=2, optimizer_state="bf16")
+    for run, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+        moments = [t for state in run.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+                   and t.dim() > 0]
+        assert moments and {t.dtype for t in moments} == {dtype}
+    head = [p_ for n, p_ in fp32.named_params if n.endswith("lm_head.weight")][0]
+    head16 = [p_ for n, p_ in bf16.named_params if n.endswith("lm_head.weight")][0]
+    assert not torch.equal(head, head16)
+    torch.testing.assert_close(head, head16, rtol=0, atol=1e-4)
+
+
+@case("gradient_checkpointing")
+def _gradient_checkpointing(p):
+    """'on' turns the model's own gradient checkpointing on (decoder layers recompute in backward): the same
+    step-1 loss and the same weights after it."""
+    off, on = p.run(method="gd"), p.run(method="gd", gradient_checkpointing="on")
+    assert not off.model.is_activation_checkpointing and on.model.is_activation_checkpointing
+    assert loss1(on) == pytest.approx(loss1(off), rel=1e-6)
+    for (_, a), (_, b) in zip(off.named_params, on.named_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- the tests
 FIELDS = [f.name for f in dataclasses.fields(UnlearnConfig)]
 
