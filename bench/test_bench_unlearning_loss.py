@@ -72,6 +72,7 @@ def test_unlearning_loss_fwd_bwd(results, forget, retain, n, h, v):
             flop=flop, tflops=flop / time_s / 1e12,
             model_tflops=flop_count("eager", forget, retain, n, h, v) / time_s / 1e12,
             load_average_before=load_before, load_average_after=load_after)
+    results("unlearning_loss").write()  # after every case: a long run cut short keeps what it measured
 
 
 def test_targets_and_npo_costs_what_ga_costs(results):
