@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: build lint test bench rehearse demo info clean gpu-check gpu-wheels
+.PHONY: build lint test bench bench-loss rehearse demo info clean gpu-check gpu-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test: build lint
 
 bench: build
 	$(PY) -m pytest bench -q -s --benchmark-columns=min,mean,rounds
+
+# The fused loss against eager and its peers only (interleaved rounds; writes bench/results/<date>-<device>-unlearning_loss*.json).
+bench-loss: build
+	$(PY) -m pytest bench/test_bench_unlearning_loss.py -q -s -p no:cacheprovider
 
 # On a GPU machine: build for the GPU present, CUDA tests, compute-sanitizer, benchmarks, results JSON
 # (scripts/gpu_check.sh). Without a GPU: says so, runs the CPU-side checks, exits with their status.

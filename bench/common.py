@@ -22,7 +22,7 @@ def machine() -> dict:
         pass
     info = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, torch_cuda=torch.version.cuda,
                 python=platform.python_version(), cpu=cpu, cpu_threads=torch.get_num_threads(),
-                device="cpu")
+                cpu_cores=os.cpu_count(), load_average=load_average(), device="cpu")
     if torch.cuda.is_available():
         info.update(device="cuda", gpu=torch.cuda.get_device_name())
     return info
@@ -51,13 +51,50 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def probe_in_subprocess(module: str, args: list) -> dict:
+def probe_in_subprocess(module: str, args: list, env: dict | None = None) -> dict:
     """Run `python -m module args` (a memory probe that prints one JSON line) in a fresh process,
-    so the peak RSS it reports belongs to that one computation."""
+    so the peak RSS it reports belongs to that one computation. `env`: variables added to this one's."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                         cwd=root, check=True).stdout
+                         cwd=root, check=True, env={**os.environ, **(env or {})}).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+# glibc raises its mmap threshold (up to 32 MiB) after a large free, and later buffers below it then reuse pages
+# already counted in RSS: a fixed threshold keeps every large buffer a fresh mapping, seen by the peak-RSS probe.
+FRESH_MAPPINGS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+
+
+def load_average() -> list:
+    """The machine's 1, 5 and 15-minute load averages now (runnable + waiting tasks; this machine has
+    os.cpu_count() cores): how busy it was while a timing ran."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def interleaved_min_times(fns: dict, rounds: int, warmup: int = 1, sync=None) -> dict:
+    """Each of `fns` (name -> callable) timed `rounds` times, the callables taking turns within every round, so a
+    load that comes and goes on a shared machine falls on all of them alike; `warmup` untimed rounds first (a
+    compiled peer compiles there). Returns name -> dict(min_s, times_s). `sync` (e.g. torch.cuda.synchronize)
+    runs before each clock read."""
+    import time
+
+    def timed(fn):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: dict(min_s=min(t), times_s=t) for name, t in times.items()}
 
 
 class Results:

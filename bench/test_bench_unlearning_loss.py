@@ -1,22 +1,29 @@
-"""Fused unlearning loss vs the eager composite (full logits + log_softmax), forward+backward.
+"""Fused unlearning loss vs eager and the peers a user would pick (torch.compile of the eager loss, cut-cross-entropy;
+on a GPU also its kernels and liger-kernel), forward+backward, each peer given the same objective.
 
-Time from pytest-benchmark (min over rounds); peak extra memory from a fresh process per case.
-Run: make bench   (or: .venv/bin/python -m pytest bench -k unlearning_loss -s)
+Every implementation of one case is timed in the same run, taking turns round by round (interleaved), min over the
+rounds, so their ratios are comparable on a shared machine; the load average is recorded beside them. Peak extra
+memory comes from a fresh process per implementation, the same probe for all (a warm-up step, then one measured).
+Run: make bench-loss   (or: .venv/bin/python -m pytest bench/test_bench_unlearning_loss.py -q -s -p no:cacheprovider)
 """
+import os
+
 import pytest
 import torch
 from unlearning_loss_case import (
-    baseline_impls,
+    IMPLS,
     eager_loss,
     flop_count,
     fused_loss,
     gradient_bytes,
     make_inputs,
     measured_gemm_flop,
+    peer_impls,
     step,
+    supports,
 )
 
-from common import probe_in_subprocess
+from common import FRESH_MAPPINGS, interleaved_min_times, load_average, probe_in_subprocess
 
 if torch.cuda.is_available():
     DEVICE, DTYPE = "cuda", "bfloat16"
@@ -25,71 +32,85 @@ if torch.cuda.is_available():
 else:
     DEVICE, DTYPE = "cpu", "float32"
     SHAPES = [(2048, 1024, 32064)]
-    ROUNDS = 3
+    ROUNDS = 4
+ROUNDS = int(os.environ.get("UE_BENCH_ROUNDS", ROUNDS))
 
 OBJECTIVES = [("ga", "nll"), ("npo", "nll"), ("ga", "kl"), ("npo", "kl")]
-# NPO's fused step should cost what GA's does (same GEMMs, one walk): within this factor of GA with the same retain
-# term, and no slower than eager on a CPU.
+OURS = ["eager", "fused", "capturable"]
+PEERS = list(peer_impls(DEVICE))  # compile, cce_compile; on a GPU cce and liger, where installed
+COMPILED = ["compile", "cce_compile"]  # the compiled peers of the targets (both run on a CPU)
+# Targets (issue 28), each a ratio within one run: fused time <= 0.9x the fastest compiled peer (every objective) and
+# <= 0.8x eager (the NLL objectives); workspace <= 10% of eager's. NPO's fused step costs what GA's does (same GEMMs,
+# one walk): within NPO_OVER_GA_MAX of GA with the same retain term.
+OVER_COMPILED_MAX, OVER_EAGER_MAX, WORKSPACE_OVER_EAGER_MAX = 0.9, 0.8, 0.10
 NPO_OVER_GA_MAX = 1.05
-BASELINES = list(baseline_impls(DEVICE))  # compile / liger / cce on a GPU, where installed
-CASES = [(impl, f, r) for f, r in OBJECTIVES for impl in ["eager", "fused", "capturable"] + (
-    BASELINES if (f, r) == ("ga", "nll") else ["compile"] if "compile" in BASELINES else [])]
 
 
-@pytest.mark.parametrize("impl,forget,retain", CASES)
+@pytest.mark.parametrize("forget,retain", OBJECTIVES)
 @pytest.mark.parametrize("n,h,v", SHAPES)
-def test_unlearning_loss_fwd_bwd(benchmark, results, impl, forget, retain, n, h, v):
+def test_unlearning_loss_fwd_bwd(results, forget, retain, n, h, v):
     args, kwargs = make_inputs(forget, retain, n, h, v, getattr(torch, DTYPE), DEVICE)
-
-    def run():
-        step(impl, args, kwargs)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    impls = [impl for impl in OURS + PEERS if supports(impl, forget, retain)]
+    load_before = load_average()
+    times = interleaved_min_times({impl: (lambda impl=impl: step(impl, args, kwargs)) for impl in impls},
+                                  rounds=ROUNDS, warmup=1, sync=torch.cuda.synchronize if DEVICE == "cuda" else None)
+    load_after = load_average()
     grads = gradient_bytes(args)
-    if impl in ("eager", "fused", "capturable"):
-        peak = probe_in_subprocess("bench.unlearning_loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE])[
-            "peak_extra_bytes"]
-    else:  # the baselines are measured in this process (their modules are imported here)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        peak = torch.cuda.max_memory_allocated() - base
-    flop = flop_count(impl, forget, retain, n, h, v, device=DEVICE, element_size=getattr(torch, DTYPE).itemsize)
-    results("unlearning_loss").add(
-        case=f"{forget}+{retain} N={n} H={h} V={v} {DTYPE}", impl=impl, shape=dict(N=n, H=h, V=v, dtype=DTYPE),
-        device=DEVICE, time_s=benchmark.stats.stats.min, peak_extra_mb=peak / 2**20,
-        workspace_mb=(peak - grads) / 2**20,
-        flop=flop, tflops=flop / benchmark.stats.stats.min / 1e12,
-        model_tflops=flop_count("eager", forget, retain, n, h, v) / benchmark.stats.stats.min / 1e12)
+    case = f"{forget}+{retain} N={n} H={h} V={v} {DTYPE}"
+    fastest_compiled = min((times[p]["min_s"] for p in COMPILED if p in times), default=None)
+    for impl in impls:
+        peak = probe_in_subprocess("bench.unlearning_loss_case", [impl, forget, retain, n, h, v, DTYPE, DEVICE],
+                                   env=FRESH_MAPPINGS)["peak_extra_bytes"]
+        time_s = times[impl]["min_s"]
+        flop = flop_count(impl, forget, retain, n, h, v, device=DEVICE, element_size=getattr(torch, DTYPE).itemsize)
+        results("unlearning_loss").add(
+            case=case, impl=impl, shape=dict(N=n, H=h, V=v, dtype=DTYPE), device=DEVICE, time_s=time_s,
+            times_s=times[impl]["times_s"], rounds=ROUNDS, peak_extra_mb=peak / 2**20,
+            workspace_mb=(peak - grads) / 2**20,
+            **{f"over_{p}": time_s / times[p]["min_s"] for p in PEERS if p in times and p != impl},
+            over_fastest_compiled=time_s / fastest_compiled if fastest_compiled else None,
+            flop=flop, tflops=flop / time_s / 1e12,
+            model_tflops=flop_count("eager", forget, retain, n, h, v) / time_s / 1e12,
+            load_average_before=load_before, load_average_after=load_after)
+    results("unlearning_loss").write()  # after every case: a long run cut short keeps what it measured
 
 
-def test_npo_costs_what_ga_costs(results):
-    """Runs after the timings above (same module, file order): NPO+NLL / GA+NLL and NPO+KL / GA+KL of the fused
-    path, and fused / eager per objective, written as their own rows (family unlearning_loss_objectives). Recorded,
-    not asserted: timings never fail a run (a loaded machine would); read `within_target`."""
-    rows = {(r["case"].split(" ")[0], r["impl"], r["case"].split(" ", 1)[1]): r["time_s"]
+def test_targets_and_npo_costs_what_ga_costs(results):
+    """Runs after the timings above (same module, file order): the issue's targets per objective (fused against the
+    fastest compiled peer and eager of the same interleaved run, workspace against eager's), NPO / GA of the fused
+    path, and the price of capturable, as rows of family unlearning_loss_objectives. Recorded, not asserted: timings
+    never fail a run (a loaded machine would); read `within_target`."""
+    rows = {(r["case"].split(" ")[0], r["impl"], r["case"].split(" ", 1)[1]): r
             for r in results("unlearning_loss").rows}
     summary = results("unlearning_loss_objectives", baseline="none")
-    for (objective, impl, shape), time_s in sorted(rows.items()):
-        forget, retain = objective.split("+")
-        if impl != "fused" or forget != "npo" or ("ga+" + retain, "fused", shape) not in rows:
+    for (objective, impl, shape), row in sorted(rows.items()):
+        if impl != "fused":
             continue
-        over_ga = time_s / rows[("ga+" + retain, "fused", shape)]
-        over_eager = time_s / rows[(objective, "eager", shape)] if (objective, "eager", shape) in rows else None
-        within = over_ga <= NPO_OVER_GA_MAX and (DEVICE != "cpu" or (over_eager is not None and over_eager <= 1.0))
-        summary.add(case=f"{objective} {shape}", impl="fused", device=DEVICE, time_s=time_s,
-                    over_fused_ga=over_ga, over_eager=over_eager, target=f"<= {NPO_OVER_GA_MAX}x GA"
-                    + (", <= 1.0x eager" if DEVICE == "cpu" else ""), within_target=within)
-    for (objective, impl, shape), time_s in sorted(rows.items()):
+        forget, retain = objective.split("+")
+        eager = rows.get((objective, "eager", shape))
+        over_eager = row["time_s"] / eager["time_s"] if eager else None
+        workspace_over_eager = row["workspace_mb"] / eager["workspace_mb"] if eager else None
+        over_compiled = row.get("over_fastest_compiled")
+        checks = {f"<= {OVER_COMPILED_MAX}x fastest compiled peer": over_compiled is not None
+                  and over_compiled <= OVER_COMPILED_MAX,
+                  f"workspace <= {WORKSPACE_OVER_EAGER_MAX:.0%} of eager": workspace_over_eager is not None
+                  and workspace_over_eager <= WORKSPACE_OVER_EAGER_MAX}
+        if retain == "nll":
+            checks[f"<= {OVER_EAGER_MAX}x eager"] = over_eager is not None and over_eager <= OVER_EAGER_MAX
+        ga = rows.get(("ga+" + retain, "fused", shape))
+        over_ga = row["time_s"] / ga["time_s"] if ga and forget == "npo" else None
+        if over_ga is not None:
+            checks[f"<= {NPO_OVER_GA_MAX}x fused GA"] = over_ga <= NPO_OVER_GA_MAX
+        summary.add(case=f"{objective} {shape}", impl="fused", device=DEVICE, time_s=row["time_s"],
+                    over_eager=over_eager, over_compile=row.get("over_compile"),
+                    over_cce_compile=row.get("over_cce_compile"), over_fastest_compiled=over_compiled,
+                    workspace_over_eager=workspace_over_eager, over_fused_ga=over_ga,
+                    targets={name: bool(ok) for name, ok in checks.items()}, within_target=all(checks.values()),
+                    load_average=row["load_average_before"])
+    for (objective, impl, shape), row in sorted(rows.items()):
         if impl == "capturable" and (objective, "fused", shape) in rows:  # the price of no host sync
-            summary.add(case=f"{objective} {shape}", impl="capturable", device=DEVICE, time_s=time_s,
-                        over_fused=time_s / rows[(objective, "fused", shape)])
-        if impl == "fused" and objective.startswith("ga+") and (objective, "eager", shape) in rows:
-            summary.add(case=f"{objective} {shape}", impl="fused", device=DEVICE, time_s=time_s,
-                        over_eager=time_s / rows[(objective, "eager", shape)])
+            summary.add(case=f"{objective} {shape}", impl="capturable", device=DEVICE, time_s=row["time_s"],
+                        over_fused=row["time_s"] / rows[(objective, "fused", shape)]["time_s"])
 
 
 @pytest.mark.parametrize("forget,retain", OBJECTIVES)
@@ -116,3 +137,21 @@ def test_flop_count_matches_what_each_path_does(forget, retain):
     measured = measured_gemm_flop(lambda: step("capturable", args, kwargs))
     assert measured == flop_count("capturable", forget, retain, n, h, v)
     assert measured == expected + (2 * n * h * v if forget == "npo" else 0)
+
+
+@pytest.mark.parametrize("forget,retain", OBJECTIVES)
+def test_peers_compute_the_same_objective(forget, retain):
+    """Each peer that times an objective computes that objective: its loss and gradients equal eager's on a small
+    case (fp32), so a peer's speed is the speed of the same work."""
+    n, h, v = 24, 16, 40
+    args, kwargs = make_inputs(forget, retain, n, h, v, torch.float32, "cpu")
+    step("eager", args, kwargs)
+    want = [args[0].grad.clone(), args[1].grad.clone()]
+    want_loss = eager_loss(*args, **kwargs)[0].detach()
+    for impl in IMPLS:
+        if impl in ("eager", "liger") or not supports(impl, forget, retain):  # liger: token-mean CE only
+            continue
+        loss = step(impl, args, kwargs)
+        torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-5, atol=1e-6, msg=impl)
+        torch.testing.assert_close(args[0].grad, want[0], rtol=1e-4, atol=1e-6, msg=impl)
+        torch.testing.assert_close(args[1].grad, want[1], rtol=1e-4, atol=1e-6, msg=impl)

@@ -10,6 +10,7 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.fused_logprob import default_chunk_size
 from unlearn_engine.reference import unlearning_loss_reference
+from unlearn_engine.reference.unlearning_loss import objective_from_token_terms
 
 
 def make_inputs(forget, retain, n, h, v, dtype, device, samples=8):
@@ -46,35 +47,62 @@ IMPLS = {"eager": eager_loss, "fused": fused_loss, "capturable": capturable_loss
 
 
 def _plain_ce(fn):
-    """A fused cross-entropy library as a speed baseline: token-mean CE over the same GEMMs (GA + NLL's shape of
-    work: 6NHV), not the unlearning objective itself."""
+    """A fused cross-entropy library that only returns the token-mean CE: timed on GA + NLL, whose work it has
+    (6NHV), as the plain loss, not the unlearning objective itself."""
     def loss(hidden, weight, labels, *_args, **_kwargs):
         return (fn(hidden, weight, labels),)
     return loss
 
 
-def baseline_impls(device: str) -> dict:
-    """What the GPU benchmark compares against besides eager, where installed: torch.compile of the eager loss,
-    liger-kernel's fused linear cross entropy and cut-cross-entropy (carry them with scripts/fetch_gpu_wheels.sh)."""
-    found = {}
-    if device != "cuda":
-        return found
-    found["compile"] = torch.compile(eager_loss)
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+def _per_token_peer(token_nll):
+    """A fused cross-entropy library that returns per-token CE, finished with the same objective as ours and eager
+    (objective_from_token_terms: per-sample sums, GA or NPO forget terms, the NLL retain term). The KL objectives
+    need each token's full distributions, which such libraries never hand out."""
+    def loss(hidden, weight, labels, sample_index, roles, **kwargs):
+        token_logp = -token_nll(hidden, weight, labels).float()
+        return objective_from_token_terms(token_logp, labels != -100, sample_index, roles, **kwargs)
+    return loss
 
-        liger = LigerFusedLinearCrossEntropyLoss()
-        found["liger"] = _plain_ce(lambda h, w, y: liger(w, h, y))
-    except ImportError:
-        pass
+
+PEERS = {}  # name -> the objectives (forget, retain) it can compute; filled by peer_impls
+
+
+def peer_impls(device: str) -> dict:
+    """The peers a user would pick instead of our fused loss, where installed (requirements-dev.txt pins
+    cut-cross-entropy; scripts/fetch_gpu_wheels.sh carries the GPU-only ones):
+      compile      torch.compile of the eager loss, every objective
+      cce_compile  cut-cross-entropy's impl="torch_compile" (torch.compile of logits + cross entropy, per token)
+                   finished with the same objective: the NLL objectives
+      cce          (GPU) cut-cross-entropy's own Triton kernels, the same way
+      liger        (GPU) liger-kernel's fused linear cross entropy: token-mean CE only, so GA + NLL's work"""
+    nll = [(f, "nll") for f in ("ga", "npo")]
+    every = [("ga", "nll"), ("npo", "nll"), ("ga", "kl"), ("npo", "kl")]
+    found = {"compile": (torch.compile(eager_loss), every)}
     try:
         from cut_cross_entropy import linear_cross_entropy
-
-        found["cce"] = _plain_ce(lambda h, w, y: linear_cross_entropy(h, w, y))
     except ImportError:
-        pass
-    IMPLS.update(found)
-    return found
+        linear_cross_entropy = None
+    if linear_cross_entropy is not None:
+        found["cce_compile"] = (_per_token_peer(lambda h, w, y: linear_cross_entropy(
+            h, w, y, reduction="none", impl="torch_compile")), nll)
+    if device == "cuda" and linear_cross_entropy is not None:
+        found["cce"] = (_per_token_peer(lambda h, w, y: linear_cross_entropy(h, w, y, reduction="none", impl="cce")),
+                        nll)
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            pass
+        else:
+            liger = LigerFusedLinearCrossEntropyLoss()
+            found["liger"] = (_plain_ce(lambda h, w, y: liger(w, h, y)), [("ga", "nll")])
+    IMPLS.update({name: fn for name, (fn, _) in found.items()})
+    PEERS.update({name: objectives for name, (_, objectives) in found.items()})
+    return {name: fn for name, (fn, _) in found.items()}
+
+
+def supports(impl: str, forget: str, retain: str) -> bool:
+    return impl not in PEERS or (forget, retain) in PEERS[impl]
 
 
 def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: int, *, chunk_size: int | None = None,
@@ -86,12 +114,13 @@ def flop_count(impl: str, forget: str, retain: str | None, n: int, h: int, v: in
     NPO+KL 8NHV, as eager (which keeps its logits). The only extra is the fused NPO's forward-only pre-pass over a
     forget sample longer than the chunk (2 H V per such row; make_inputs' samples are n / samples rows long, and
     chunk_size defaults to the rule unlearning_loss uses on `device`). The capturable path walks every row (all are
-    labelled here) and gives NPO a forward pre-pass over all of them (+2NHV). The plain-CE baselines do GA+NLL's
-    6NHV."""
+    labelled here) and gives NPO a forward pre-pass over all of them (+2NHV). The peers: torch.compile of eager does
+    eager's GEMMs, cut-cross-entropy's torch_compile path and liger-kernel 6NHV (NLL objectives), cut-cross-entropy's
+    kernels 8NHV (the backward makes the logits again)."""
     gemm = 2 * n * h * v
     logits = gemm * (2 if retain == "kl" else 1)
     total = logits + 2 * gemm
-    if impl == "capturable" and forget == "npo":
+    if (impl == "capturable" and forget == "npo") or impl == "cce":
         total += gemm
     if impl == "fused" and forget == "npo":
         chunk = chunk_size or default_chunk_size(n, v, torch.device(device), element_size=element_size,
@@ -125,12 +154,19 @@ def step(impl, args, kwargs):
 
 
 def _peak_memory(impl, forget, retain, n, h, v, dtype, device):
+    """Peak extra memory of one step after a warm-up step (a compiled peer compiles there; every impl gets the same
+    warm-up). The probe's process runs with a fixed glibc mmap threshold (probe_in_subprocess), so buffers freed by
+    the warm-up go back to the kernel and the measured step's allocations show in its peak RSS."""
     import gc
 
     from common import peak_rss_bytes, reset_peak_rss  # bench/ is on sys.path when run from the probe
 
     dtype = getattr(torch, dtype)
+    peer_impls(device)
     args, kwargs = make_inputs(forget, retain, int(n), int(h), int(v), dtype, device)
+    step(impl, args, kwargs)
+    args[0].grad = args[1].grad = None
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -138,7 +174,6 @@ def _peak_memory(impl, forget, retain, n, h, v, dtype, device):
         step(impl, args, kwargs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    gc.collect()
     base = reset_peak_rss()
     step(impl, args, kwargs)
     return peak_rss_bytes() - base

@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, RETAIN
 
 
@@ -27,20 +28,35 @@ def unlearning_loss_reference(hidden, weight, labels, sample_index, roles, *, fo
     averaged over a group's samples ("sample" pooling), or one term of the group's pooled tokens ("batch").
 
     upcast_inputs=False makes the logits in the inputs' dtype, as eager training code does."""
-    shared = "sum" if length_normalize is False else "mean"
-    forget_normalize, retain_normalize = forget_normalize or shared, retain_normalize or shared
-    num_samples = roles.shape[0]
     token_logp, log_probs, valid = _token_log_probs(hidden, weight, bias, labels, upcast_inputs)
-    zeros = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
-    logp = zeros.index_add(0, sample_index, token_logp)
-    counts = zeros.index_add(0, sample_index, valid.float())
+    token_kl = None
     if retain == "kl":
         _, ref_log_probs, _ = _token_log_probs(ref_hidden, ref_weight, ref_bias, labels, upcast_inputs)
         ref_probs = ref_log_probs.exp()
         # a token the reference bans (logit -inf, probability 0) carries no KL mass: 0, not 0 * (-inf - z) = NaN
         token_kl = torch.where(ref_probs > 0, ref_probs * (ref_log_probs - log_probs), 0.0).sum(-1)
         token_kl = torch.where(valid, token_kl, torch.zeros_like(token_kl))
-    else:
+    return objective_from_token_terms(
+        token_logp, valid, sample_index, roles, token_kl=token_kl, forget=forget, retain=retain, ref_logp=ref_logp,
+        beta=beta, delta=delta, forget_weight=forget_weight, retain_weight=retain_weight,
+        retain_npo_weight=retain_npo_weight, forget_pooling=forget_pooling, retain_pooling=retain_pooling,
+        forget_normalize=forget_normalize, retain_normalize=retain_normalize, length_normalize=length_normalize)
+
+
+def objective_from_token_terms(token_logp, valid, sample_index, roles, *, token_kl=None, forget="ga", retain="nll",
+                               ref_logp=None, beta=0.1, delta=0.0, forget_weight=1.0, retain_weight=1.0,
+                               retain_npo_weight=0.0, forget_pooling="sample", retain_pooling="sample",
+                               forget_normalize=None, retain_normalize=None, length_normalize=None):
+    """unlearning_loss_reference's objective from per-token log-likelihoods (0 where not `valid`) and, for
+    retain="kl", per-token KLs: what any library that returns per-token cross entropy can be finished with."""
+    shared = "sum" if length_normalize is False else "mean"
+    forget_normalize, retain_normalize = forget_normalize or shared, retain_normalize or shared
+    num_samples = roles.shape[0]
+    zeros = torch.zeros(num_samples, dtype=torch.float32, device=token_logp.device)
+    logp = zeros.index_add(0, sample_index, token_logp)
+    counts = zeros.index_add(0, sample_index, valid.float())
+    require(token_kl is not None or retain != "kl", "token_kl must be given (per-token KLs) for retain='kl', got None")
+    if token_kl is None:
         token_kl = torch.zeros_like(token_logp)
     kl = zeros.index_add(0, sample_index, token_kl)
     ref = ref_logp.float() if ref_logp is not None else zeros
