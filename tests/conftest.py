@@ -100,8 +100,10 @@ def _register_sim_autograd():
     """The simulator's ops get the autograd formulas of the real ones (the same Python functions), once."""
     if _SIM_AUTOGRAD:
         return
-    from unlearn_engine import fused_logprob, unlearning_loss
+    import importlib
 
+    fused_logprob = importlib.import_module("unlearn_engine.fused_logprob")  # the modules, not the facade's functions
+    unlearning_loss = importlib.import_module("unlearn_engine.unlearning_loss")
     torch.library.register_autograd("unlearn_engine_sim::fused_logprob", fused_logprob._fused_logprob_backward,
                                     setup_context=fused_logprob._fused_logprob_setup)
     torch.library.register_autograd("unlearn_engine_sim::rmu_loss", unlearning_loss._rmu_backward,

@@ -506,6 +506,30 @@ def test_banned_tokens_with_minus_inf_bias(device, forget, retain):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("v", [29, 1031])
+def test_a_plus_inf_logit_makes_its_row_nan_on_every_device(device, v):
+    """A logit that overflowed to +inf: its row's logp, KL and logit gradient are all NaN, as on the CPU, so the
+    loss shows it (the CUDA row pass used to give logp -inf and a NaN gradient at the +inf token only). The other
+    rows are untouched."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 5, generator=g), torch.randn(v, 5, generator=g) * 0.1
+    weight[:, 0] = 0.0
+    weight[3, 0] = 10.0
+    hidden[2, 0] = 1e38  # row 2's logit for token 3 overflows to +inf; its other logits stay finite
+    labels = torch.tensor([1, 4, 5, 3, 0, 2])
+    args = [t.to(device) for t in (hidden, weight)] + [None, labels.to(device), hidden.to(device) * 0.5,
+                                                       weight.to(device), None]
+    logp, kl = ue.ops.fused_logprob(*args, 4)
+    assert torch.isnan(logp[2]) and torch.isnan(kl[2])
+    others = torch.tensor([0, 1, 3, 4, 5], device=device)
+    assert torch.isfinite(logp[others]).all() and torch.isfinite(kl[others]).all()
+    ones = torch.ones(6, device=device)
+    grad_hidden, grad_weight, _ = ue.ops.fused_logprob_backward(*args, ones, None, 4)
+    assert torch.isnan(grad_hidden[2]).all() and torch.isfinite(grad_hidden[others]).all()
+    assert torch.isnan(grad_weight).all()  # row 2's logit gradient is NaN at every token, not only at token 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("v", [1000, 1031, 8209])
 def test_row_pass_block_widths(device, v):
     """The CUDA row pass picks 64, 256 or 512 threads from V (< 1024, < 8192, >= 8192): each width is checked."""
