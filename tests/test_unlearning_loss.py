@@ -8,7 +8,7 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.reference import unlearning_loss_reference
 
-from conftest import DEVICES
+from conftest import DEVICES, is_sim
 
 N, H, V = 37, 61, 1031
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5)}  # low precision: see assert_low_precision_matches
@@ -557,6 +557,8 @@ def test_fp16_fast_path_at_realistic_size(device):
     and most logit-gradient entries, coef x probability ~ 1.5e-8, lie below fp16's smallest subnormal (6e-8). The
     stored gradient is kept of order 1 (coefficients normalised, the scale applied to the accumulated gradients);
     before, 95-99% of it flushed to zero. Measured here: fp16 2.3e-4 relative error, bf16 1.6e-3."""
+    if is_sim(device):
+        pytest.skip("4096 x 32064 logits are too many for the simulator; the sim cases above run the same kernel")
     n, h, v, samples = 4096, 16, 32064, 32
     hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=0)
     ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll").loss.backward()
@@ -584,6 +586,8 @@ def test_fp16_loss_scale_applies_before_rounding(device, forget):
     must meet that scale before they are rounded to fp16. With weights 0.01 over 16 x 64 labelled tokens per group
     every gradient is ~1e-5, inside fp16's subnormal range (below 6.1e-5) where rounding costs ~1% unless the scale
     lifts it first. Measured on CPU: rounding first (before the fix) 6.9e-3 relative error on grad_hidden; now 3.2e-4."""
+    if is_sim(device):
+        pytest.skip("2048 x 4096 logits are too many for the simulator; the sim cases above run the same kernel")
     n, h, v, samples = 2048, 16, 4096, 32
     hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=1)
     options = dict(forget=forget, retain="nll", forget_weight=0.01, retain_weight=0.01)
