@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-cuda-$(UE_BUILD_CUDA)
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: build lint test bench bench-loss rehearse demo info clean gpu-check gpu-wheels
+.PHONY: build lint test sanitize-sim bench bench-loss rehearse demo info clean gpu-check gpu-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,17 @@ lint: $(DEPS_STAMP)
 
 test: build lint
 	$(PY) -m pytest tests -q
+
+# The simulated CUDA kernels (unlearn_engine._C_sim) built with ASan + UBSan, aside in build/sanitize-sim, running
+# tests/test_cuda_sim.py: every kernel once, odd shapes. The sanitizer runtimes are preloaded into the Python process.
+SANITIZE_DIR := build/sanitize-sim
+sanitize-sim: $(DEPS_STAMP)
+	UE_SIM_ONLY=1 UE_SIM_SANITIZE=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext \
+		--build-lib $(SANITIZE_DIR) --build-temp $(SANITIZE_DIR)/temp
+	UE_SIM_LIBRARY=$$(ls $(SANITIZE_DIR)/unlearn_engine/_C_sim*.so) \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(PY) -m pytest tests/test_cuda_sim.py -q -p no:cacheprovider
 
 bench: build
 	$(PY) -m pytest bench -q -s --benchmark-columns=min,mean,rounds

@@ -5,7 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#ifdef WITH_CUDA
+#if defined(WITH_CUDA) && !defined(UE_SIM)
 #include <cuda_runtime_api.h>
 #endif
 
@@ -55,7 +55,7 @@ namespace {
 pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = UE_VERSION;
-#ifdef WITH_CUDA
+#if defined(WITH_CUDA) && !defined(UE_SIM)
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_arch_list"] = UE_CUDA_ARCH_LIST;
@@ -74,7 +74,15 @@ pybind11::dict build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifdef UE_SIM
+void bind_simulator(pybind11::module_& m);  // csrc/common/sim/bindings.cpp
+#endif
+
+// _C, or _C_sim for the simulator build (its operators live under torch.ops.unlearn_engine_sim).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unlearn_engine native kernels (operators live under torch.ops.unlearn_engine)";
   m.def("build_info", &build_info, "How this extension was built: version, CUDA, arch list, OpenMP.");
+#ifdef UE_SIM
+  bind_simulator(m);
+#endif
 }

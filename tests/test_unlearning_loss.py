@@ -8,7 +8,7 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.reference import unlearning_loss_reference
 
-from conftest import DEVICES
+from conftest import DEVICES, is_sim
 
 N, H, V = 37, 61, 1031
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5)}  # low precision: see assert_low_precision_matches
@@ -506,6 +506,30 @@ def test_banned_tokens_with_minus_inf_bias(device, forget, retain):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("v", [29, 1031])
+def test_a_plus_inf_logit_makes_its_row_nan_on_every_device(device, v):
+    """A logit that overflowed to +inf: its row's logp, KL and logit gradient are all NaN, as on the CPU, so the
+    loss shows it (the CUDA row pass used to give logp -inf and a NaN gradient at the +inf token only). The other
+    rows are untouched."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 5, generator=g), torch.randn(v, 5, generator=g) * 0.1
+    weight[:, 0] = 0.0
+    weight[3, 0] = 10.0
+    hidden[2, 0] = 1e38  # row 2's logit for token 3 overflows to +inf; its other logits stay finite
+    labels = torch.tensor([1, 4, 5, 3, 0, 2])
+    args = [t.to(device) for t in (hidden, weight)] + [None, labels.to(device), hidden.to(device) * 0.5,
+                                                       weight.to(device), None]
+    logp, kl = ue.ops.fused_logprob(*args, 4)
+    assert torch.isnan(logp[2]) and torch.isnan(kl[2])
+    others = torch.tensor([0, 1, 3, 4, 5], device=device)
+    assert torch.isfinite(logp[others]).all() and torch.isfinite(kl[others]).all()
+    ones = torch.ones(6, device=device)
+    grad_hidden, grad_weight, _ = ue.ops.fused_logprob_backward(*args, ones, None, 4)
+    assert torch.isnan(grad_hidden[2]).all() and torch.isfinite(grad_hidden[others]).all()
+    assert torch.isnan(grad_weight).all()  # row 2's logit gradient is NaN at every token, not only at token 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("v", [1000, 1031, 8209])
 def test_row_pass_block_widths(device, v):
     """The CUDA row pass picks 64, 256 or 512 threads from V (< 1024, < 8192, >= 8192): each width is checked."""
@@ -533,6 +557,8 @@ def test_fp16_fast_path_at_realistic_size(device):
     and most logit-gradient entries, coef x probability ~ 1.5e-8, lie below fp16's smallest subnormal (6e-8). The
     stored gradient is kept of order 1 (coefficients normalised, the scale applied to the accumulated gradients);
     before, 95-99% of it flushed to zero. Measured here: fp16 2.3e-4 relative error, bf16 1.6e-3."""
+    if is_sim(device):
+        pytest.skip("4096 x 32064 logits are too many for the simulator; the sim cases above run the same kernel")
     n, h, v, samples = 4096, 16, 32064, 32
     hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=0)
     ue.unlearning_loss(hidden, weight, labels, sample_index, roles, forget="ga", retain="nll").loss.backward()
@@ -560,6 +586,8 @@ def test_fp16_loss_scale_applies_before_rounding(device, forget):
     must meet that scale before they are rounded to fp16. With weights 0.01 over 16 x 64 labelled tokens per group
     every gradient is ~1e-5, inside fp16's subnormal range (below 6.1e-5) where rounding costs ~1% unless the scale
     lifts it first. Measured on CPU: rounding first (before the fix) 6.9e-3 relative error on grad_hidden; now 3.2e-4."""
+    if is_sim(device):
+        pytest.skip("2048 x 4096 logits are too many for the simulator; the sim cases above run the same kernel")
     n, h, v, samples = 2048, 16, 4096, 32
     hidden, weight, labels, sample_index, roles = _fp16_batch(device, n, h, v, samples, seed=1)
     options = dict(forget=forget, retain="nll", forget_weight=0.01, retain_weight=0.01)

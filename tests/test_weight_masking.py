@@ -7,7 +7,7 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.reference import masked_step_reference, topk_mask_reference
 
-from conftest import DEVICES, assert_masked_steps_match_torch
+from conftest import DEVICES, assert_masked_steps_match_torch, is_sim
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -21,8 +21,8 @@ def scheme(request, monkeypatch):
 
 
 def cpu_choice(device, scheme):
-    if device == "cuda" and scheme != "gpu":
-        pytest.skip("UE_TOPK_CPU_SCHEME chooses among CPU schemes; CUDA always runs the GPU's")
+    if (device == "cuda" or is_sim(device)) and scheme != "gpu":
+        pytest.skip("UE_TOPK_CPU_SCHEME chooses among CPU schemes; CUDA (and its simulator) always runs the GPU's")
 
 
 def assert_valid_selection(tensors, mask, fraction, scope):

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/launch.h"
 #include "row_pass.h"
 
 // at::addmm_out(out, self, mat1, mat2, out_dtype) (fp32 accumulation of bf16/fp16 GEMMs) exists from torch 2.8 on;
@@ -61,7 +62,7 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const Opt
 
 void row_pass(const RowPass& pass) {
 #ifdef WITH_CUDA
-  if (pass.logits.is_cuda()) return row_pass_cuda(pass);
+  if (uses_cuda_kernels(pass.logits.device())) return row_pass_cuda(pass);
 #endif
   row_pass_cpu(pass);
 }

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <string>
 
+#include "common/launch.h"
 #include "topk_mask.h"
 
 namespace unlearn_engine {
@@ -104,7 +105,7 @@ std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, 
   const c10::DeviceGuard guard(device);
   const WorkItems items = make_work_items(lengths);
 #ifdef WITH_CUDA
-  const MaskBackend backend = device.is_cuda() ? cuda_mask_backend() : cpu_mask_backend();
+  const MaskBackend backend = uses_cuda_kernels(device) ? cuda_mask_backend() : cpu_mask_backend();
 #else
   const MaskBackend backend = cpu_mask_backend();
 #endif
@@ -119,11 +120,11 @@ std::vector<at::Tensor> topk_mask(at::TensorList tensors_in, at::IntArrayRef k, 
   std::vector<int64_t> item_segment(items.size());
   for (int64_t i = 0; i < items.size(); ++i) item_segment[i] = per_tensor ? items.tensor[i] : 0;
   const std::vector<int64_t> k_list(k.begin(), k.end());
-  const std::string scheme = device.is_cuda() ? "gpu" : cpu_scheme();
+  const std::string scheme = uses_cuda_kernels(device) ? "gpu" : cpu_scheme();
   if (scheme == "two-pass" && topk_mask_cpu_two_pass(tensors, items, item_segment, k_list, bits)) return bits;
   const at::Tensor segments = device_vector(item_segment, device);
 #ifdef WITH_CUDA
-  const TwoPassBackend two_pass_backend = device.is_cuda() ? cuda_two_pass_backend() : cpu_two_pass_backend();
+  const TwoPassBackend two_pass_backend = uses_cuda_kernels(device) ? cuda_two_pass_backend() : cpu_two_pass_backend();
 #else
   const TwoPassBackend two_pass_backend = cpu_two_pass_backend();
 #endif

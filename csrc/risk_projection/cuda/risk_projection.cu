@@ -8,6 +8,7 @@
 
 #include "../risk_projection.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -81,7 +82,7 @@ risk_rows_kernel(const T* in, T* out, const float* __restrict__ A, int64_t H, in
 template <typename T, int JMAX>
 void launch_bucket(const at::Tensor& x, T* out, const at::Tensor& basis, const c10::optional<at::Tensor>& select,
                    int64_t mode, float threshold, float strength, float* scores) {
-  risk_rows_kernel<T, JMAX><<<x.size(0), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  UE_LAUNCH(x.size(0), kThreads, 0, at::cuda::getCurrentCUDAStream(), risk_rows_kernel<T, JMAX>)(
       x.data_ptr<T>(), out, basis.data_ptr<float>(), x.size(1), static_cast<int>(basis.size(1)),
       select ? select->data_ptr<bool>() : nullptr, mode, threshold, strength, scores);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

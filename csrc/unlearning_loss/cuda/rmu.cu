@@ -7,6 +7,7 @@
 
 #include "../rmu.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -50,7 +51,7 @@ at::Tensor sum_sq_diff(const at::Tensor& a, const at::Tensor& b, bool b_is_row) 
   auto partial = at::zeros({blocks}, a.options().dtype(at::kFloat));
   if (a.numel() == 0) return partial.sum();
   UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.scalar_type(), "rmu_sum_sq_diff", [&] {
-    sum_sq_diff_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    UE_LAUNCH(blocks, kThreads, 0, at::cuda::getCurrentCUDAStream(), sum_sq_diff_kernel<scalar_t>)(
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.numel(), a.size(1), b_is_row, partial.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -61,7 +62,7 @@ void scaled_diff(const at::Tensor& a, const at::Tensor& b, bool b_is_row, const 
                  at::Tensor& out) {
   if (a.numel() == 0) return;
   UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.scalar_type(), "rmu_scaled_diff", [&] {
-    scaled_diff_kernel<scalar_t><<<blocks_for(a.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    UE_LAUNCH(blocks_for(a.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream(), scaled_diff_kernel<scalar_t>)(
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.numel(), a.size(1), b_is_row, grad.data_ptr<float>(),
         scale, out.data_ptr<scalar_t>());
   });

@@ -8,6 +8,7 @@
 
 #include "../row_pass.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 
 namespace unlearn_engine {
 namespace {
@@ -29,7 +30,8 @@ struct Online {
       s += s2 * scale; t += t2 * scale;
     }
   }
-  __device__ float lse() const { return m == kNegInf ? kNegInf : m + logf(s); }
+  // A +inf logit (an overflow) makes the whole row NaN, as the CPU row pass does: logp, KL and the gradient.
+  __device__ float lse() const { return m == kNegInf ? kNegInf : (m == INFINITY ? NAN : m + logf(s)); }
 };
 
 __device__ Online warp_merge(Online o) {
@@ -110,7 +112,7 @@ void row_pass_cuda(const RowPass& a) {
   const int threads = V >= 8192 ? kMaxRowThreads : (V >= 1024 ? 256 : 64);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16_DOUBLE(a.logits.scalar_type(), "row_pass_cuda", [&] {
-    row_pass_kernel<scalar_t><<<C, threads, 0, stream>>>(
+    UE_LAUNCH(C, threads, 0, stream, row_pass_kernel<scalar_t>)(
         a.logits.data_ptr<scalar_t>(),
         a.ref_logits.defined() ? a.ref_logits.data_ptr<scalar_t>() : nullptr, V,
         a.labels.data_ptr<int64_t>(),

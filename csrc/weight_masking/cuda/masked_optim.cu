@@ -7,6 +7,7 @@
 #include "../masked_optim.h"
 #include "../work_items.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -63,7 +64,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto idx = pointer_table(as_vector(indices), device);
   const AdamWHyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step);
   UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_adamw_cuda", [&] {
-    masked_adamw_kernel<scalar_t><<<items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream(), masked_adamw_kernel<scalar_t>)(
         table.data_ptr<int64_t>(), p.data_ptr<int64_t>(), g.data_ptr<int64_t>(), m.data_ptr<int64_t>(),
         v.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), compact_state, h);
   });
@@ -87,7 +88,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (with_buffers) buf = pointer_table(as_vector(momentum_buffers), device);
   const SGDHyper h = make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, first_step);
   UE_DISPATCH_FLOAT_HALF_BF16(params[0].scalar_type(), "masked_sgd_cuda", [&] {
-    masked_sgd_kernel<scalar_t><<<items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, at::cuda::getCurrentCUDAStream(), masked_sgd_kernel<scalar_t>)(
         table.data_ptr<int64_t>(), p.data_ptr<int64_t>(), g.data_ptr<int64_t>(),
         with_buffers ? buf.data_ptr<int64_t>() : nullptr, idx.data_ptr<int64_t>(), compact_state, h);
   });

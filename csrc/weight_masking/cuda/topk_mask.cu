@@ -7,6 +7,7 @@
 #include "../abs_key.h"
 #include "../topk_mask.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -180,7 +181,7 @@ void histogram(const std::vector<at::Tensor>& tensors, const WorkItems& items, c
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_histogram_cuda", [&] {
-    histogram_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, stream, histogram_kernel<scalar_t>)(
         ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
         prefix.data_ptr<int64_t>(), shift, reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
         hist.numel() - 1);
@@ -195,7 +196,7 @@ void count_ties(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_count_ties_cuda", [&] {
-    count_ties_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, stream, count_ties_kernel<scalar_t>)(
         ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
         threshold.data_ptr<int64_t>(), ties.data_ptr<int64_t>());
   });
@@ -211,7 +212,7 @@ void write_mask(const std::vector<at::Tensor>& tensors, const WorkItems& items, 
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_write_mask_cuda", [&] {
-    write_mask_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, stream, write_mask_kernel<scalar_t>)(
         ptrs.data_ptr<int64_t>(), bit_ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()},
         segments.data_ptr<int64_t>(), threshold.data_ptr<int64_t>(), tie_offset.data_ptr<int64_t>(),
         ties_needed.data_ptr<int64_t>());
@@ -226,7 +227,7 @@ void high_histogram(const std::vector<at::Tensor>& tensors, const WorkItems& ite
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_high_histogram_cuda", [&] {
-    high_histogram_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, stream, high_histogram_kernel<scalar_t>)(
         ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, segments.data_ptr<int64_t>(),
         reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), hist.numel() - 1);
   });
@@ -242,7 +243,7 @@ void write_collect(const std::vector<at::Tensor>& tensors, const WorkItems& item
   const auto table = item_table(items, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   UE_DISPATCH_FLOAT_HALF_BF16(tensors[0].scalar_type(), "topk_write_collect_cuda", [&] {
-    write_collect_kernel<scalar_t><<<items.size(), kThreads, 0, stream>>>(
+    UE_LAUNCH(items.size(), kThreads, 0, stream, write_collect_kernel<scalar_t>)(
         ptrs.data_ptr<int64_t>(), bit_ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()},
         segments.data_ptr<int64_t>(), digit.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
         reinterpret_cast<unsigned long long*>(fill.data_ptr<int64_t>()), cand_key.data_ptr<int64_t>(),
@@ -258,7 +259,7 @@ void set_bits(const WorkItems& items, const at::Tensor& positions, std::vector<a
   const auto bit_ptrs = pointer_table(bits, device);
   const auto table = item_table(items, device);
   const int blocks = static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 4096));
-  set_bits_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  UE_LAUNCH(blocks, kThreads, 0, at::cuda::getCurrentCUDAStream(), set_bits_kernel)(
       bit_ptrs.data_ptr<int64_t>(), ItemView{table.data_ptr<int64_t>()}, positions.data_ptr<int64_t>(), count);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,0 +1,3 @@
+// Simulator build only: cub::BlockScan as the kernels use it (csrc/common/sim/cub_sim.h).
+#pragma once
+#include "common/sim/cub_sim.h"
