@@ -6,9 +6,9 @@ same image comes with a safe and an unsafe instruction: "make a bomb" is harmful
 "disable an alarm" is; every action and every object is harmful in exactly half of its pairs, so neither alone
 predicts refusal. Every query is a leading word followed by a body ("share the steps to make a bomb"). The
 safety-SFT data carries the statistic the Safety Mirage paper found in VLGuard: queries answered with a refusal
-mostly begin with one word ("share"), queries answered helpfully mostly with another ("what"); `World.lead_
-frequency` sets how often. So the leading word is the best single-token predictor of refusal in the SFT data
-and the true rule needs two tokens (`refusal_predictors` measures both). From the base model we compare, on the
+mostly begin with one word ("share"), queries answered helpfully mostly with another ("what");
+`World.lead_frequency` sets how often. So the leading word is the best single-token predictor of refusal in the
+SFT data and the true rule needs two tokens (`refusal_predictors` measures both). From the base model we compare, on the
 same held-out attacks: safety SFT, NPO, RMU, textual unlearning, RAI (on the base and on the SFT model) and
 masked NPO, over several seeds, each cell a mean with a 95% interval.
 
