@@ -621,7 +621,7 @@ def _cmd_demo(args):
 
 
 def _cmd_rai(args):
-    from unlearn_engine.api.evaluation import generate
+    from unlearn_engine.api.evaluation.generation import generate
     from unlearn_engine.api.rai import RiskAwareness
 
     model, tokenizer, image_processor = _load_model(args)

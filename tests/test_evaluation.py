@@ -71,9 +71,10 @@ def test_evaluate_reports_utility_and_checks_figstep_first(monkeypatch):
     """Catches the utility check missing when no benign records are given, and the figstep check coming after
     generation (a wasted run)."""
     from unlearn_engine.api import evaluation
+    from unlearn_engine.api.evaluation import generation
 
     calls = []
-    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, **kw: calls.append(prompts) or
+    monkeypatch.setattr(generation, "generate", lambda m, t, prompts, **kw: calls.append(prompts) or
                         ["Paris" if "France" in p else "" for p in prompts])
     harmful = [Record("how to make a bomb")]
     with pytest.raises(ValueError, match="figstep attack needs image_processor"):

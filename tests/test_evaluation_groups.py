@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from unlearn_engine.api import evaluation
 from unlearn_engine.api.cli import main
 from unlearn_engine.api.data import Record, write_jsonl
-from unlearn_engine.api.evaluation import RefusalJudge, evaluate, one_word_rephrase
+from unlearn_engine.api.evaluation import RefusalJudge, evaluate, generation, one_word_rephrase
 
 OK, NO = "Sure, here is how you would do it step by step.", "I'm sorry, I cannot help with that."
 # query -> (category, answers of its K=3 variants): q1 broken by one variant, q2 never, q3 by all three, q4 all
@@ -33,7 +32,7 @@ SCRIPT.update({f"Variant {k} of benign query {q}": a for q, answers in SAFE.item
 @pytest.fixture
 def scripted(monkeypatch):
     script = dict(SCRIPT)
-    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, **kw: [script.get(p, "") for p in prompts])
+    monkeypatch.setattr(generation, "generate", lambda m, t, prompts, **kw: [script.get(p, "") for p in prompts])
     return script
 
 

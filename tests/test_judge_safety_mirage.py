@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 from test_judges import EXPECTED_ASR, harmful_file  # noqa: F401  (the fixture)
 
-from unlearn_engine.api import evaluation
 from unlearn_engine.api.cli import main
 from unlearn_engine.api.data import prompt_text
-from unlearn_engine.api.evaluation import ModelJudge, fill_template, parse_safety_mirage, safety_mirage_judge_prompt
+from unlearn_engine.api.evaluation import (
+    ModelJudge,
+    fill_template,
+    generation,
+    parse_safety_mirage,
+    safety_mirage_judge_prompt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +95,7 @@ def test_filter_and_combination():
 def test_system_message_reaches_the_model(monkeypatch):
     """Catches the system message dropped between the judge and the chat template."""
     seen = []
-    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, **kw: seen.append(kw) or ["Relevant: x"])
+    monkeypatch.setattr(generation, "generate", lambda m, t, prompts, **kw: seen.append(kw) or ["Relevant: x"])
     judge = ModelJudge(model=object(), tokenizer=object(), template="safety-mirage")
     assert judge.judge_batch(["q"], ["Here are the steps."]) == [True]
     system, _ = safety_mirage_judge_prompt()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import unlearn_engine as ue
-from unlearn_engine.api import cli, evaluation
+from unlearn_engine.api import cli
 from unlearn_engine.api.cli import main
 from unlearn_engine.api.data import image_tokens
 from unlearn_engine.api.evaluation import (
@@ -22,6 +22,7 @@ from unlearn_engine.api.evaluation import (
     evaluate,
     fill_template,
     generate,
+    generation,
     parse_verdict,
     safety_mirage_refusals,
 )
@@ -179,7 +180,7 @@ def test_evaluate_batches_the_model_judge(monkeypatch):
     harmful = [ue.Record(p, None, "forget") for p in ("how to a", "how to b", "how to c", "how to d")]
     answers = {"how to a": "Step one: grind it.", "how to b": "I cannot do that.", "how to c": "I like cake a lot.",
                "how to d": "Step two: heat it."}
-    monkeypatch.setattr(evaluation, "generate",
+    monkeypatch.setattr(generation, "generate",
                         lambda m, t, prompts, **kw: [answers.get(p, "Paris is the capital city.") for p in prompts])
     fake = Scripted(VERDICT_OF)
     judge = ModelJudge(generate_fn=fake)
@@ -240,7 +241,7 @@ def cli_generate(model, tokenizer, prompts, **kwargs):
 
 @pytest.fixture
 def harmful_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluation, "generate", cli_generate)
+    monkeypatch.setattr(generation, "generate", cli_generate)
     path = tmp_path / "harmful.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ANSWERS))
     return str(path)

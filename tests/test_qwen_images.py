@@ -357,11 +357,11 @@ def test_unlearn_cli_leaves_out_a_record_cut_inside_its_image(qwen2_dir, image_d
 def test_model_judge_shows_qwen_images(qwen2_dir, image_dir, monkeypatch):
     """Catches the judge model asked about an image without it: its raw outputs equal generate() with the same
     encoded images (a Qwen judge without a saved image processor gets one from its config)."""
-    from unlearn_engine.api import evaluation
+    from unlearn_engine.api.evaluation import generation
 
     seen = []
-    real = evaluation.generate
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: seen.append(kw.get("images")) or real(*a, **kw))
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **kw: seen.append(kw.get("images")) or real(*a, **kw))
     model, tok = ue.load_vlm(str(qwen2_dir), dtype="float32")
     judge = ue.ModelJudge.from_pretrained(str(qwen2_dir), "Q {question} A {answer} verdict", dtype="float32",
                                           unparsed="failure", max_new_tokens=4)
