@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,29 @@ DEVICES = [
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "sim: the CUDA kernels run on the simulator (unlearn_engine._C_sim)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """UE_SIM_TIER=quick (the default: make test and CI) runs, of each test function's simulator cases, the first one
+    per dtype (tests/test_cuda_sim.py runs whole): a simulated case costs seconds on one core, and every case would
+    take CI's 2 cores well past its time. UE_SIM_TIER=full runs every case on the simulator."""
+    if os.environ.get("UE_SIM_TIER", "quick") == "full":
+        return
+    seen, keep, drop = set(), [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("sim") is None or item.path.name == "test_cuda_sim.py":
+            keep.append(item)
+            continue
+        if params.get("scheme", "gpu") != "gpu":  # skipped on the simulator anyway (test_weight_masking.cpu_choice)
+            drop.append(item)
+            continue
+        key = (item.path, item.originalname, str(params.get("dtype")))
+        (drop if key in seen else keep).append(item)
+        seen.add(key)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def load_simulator():
