@@ -192,16 +192,22 @@ def find_checkpoint(directory, named_params, optimizer, fingerprint: dict | None
 
     A checkpoint of another run (fingerprint differs) raises ValueError naming the differing fields; an
     unreadable one is skipped with a warning naming the file, and the next older one is tried."""
-    candidates = list_checkpoints(directory)
+    return newest_intact(directory, fingerprint, lambda path, state: _read(path, state, named_params, optimizer))
+
+
+def newest_intact(directory, fingerprint: dict | None, read):
+    """read(path, state) of the newest checkpoint of `directory` whose state.json and read() raise no
+    CheckpointError (None when there is none): a broken one is skipped with a warning and the next older one tried;
+    another run's checkpoint (fingerprint differs) raises ValueError. One walk for both checkpoint formats."""
     problems = []
-    for _, path in candidates:
+    for _, path in list_checkpoints(directory):
         try:
             state = read_state(path)
             if fingerprint is not None:  # another run's checkpoint is refused, not skipped
                 check_same_run(path, state.get("fingerprint"), fingerprint)
-            return _read(path, state, named_params, optimizer)
+            return read(path, state)
         except CheckpointError as err:
-            warnings.warn(f"{err}; falling back to an older checkpoint", stacklevel=2)
+            warnings.warn(f"{err}; falling back to an older checkpoint", stacklevel=3)
             problems.append(str(err))
     if problems:
         raise CheckpointError(f"no intact checkpoint in {directory}: {' | '.join(problems)}")

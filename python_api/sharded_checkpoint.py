@@ -19,12 +19,11 @@ import json
 import os
 import random
 import shutil
-import warnings
 
 import torch
 import torch.distributed as dist
 
-from unlearn_engine.api.checkpoint import LATEST, check_same_run, list_checkpoints, read_state
+from unlearn_engine.api.checkpoint import LATEST, list_checkpoints, newest_intact
 from unlearn_engine.api.loading import CheckpointError
 from unlearn_engine.atomic import write_text
 
@@ -84,24 +83,16 @@ def find_sharded(directory: str, fingerprint: dict):
     """{"path", "state"} of the newest checkpoint of `directory` with a readable state.json and DCP metadata (every
     rank reads the same files, so every rank picks the same one), or None. ValueError when it belongs to another
     run; an unreadable one is skipped with a warning."""
-    problems = []
-    for _, path in list_checkpoints(directory):
-        try:
-            state = read_state(path)
-            check_same_run(path, state.get("fingerprint"), fingerprint)
-            if not os.path.isfile(os.path.join(path, ".metadata")):
-                raise CheckpointError(f"{os.path.join(path, '.metadata')} is missing (not a sharded checkpoint, or "
-                                      "incomplete)")
-            if len(state.get("ranks") or []) != dist.get_world_size():
-                raise CheckpointError(f"{os.path.join(path, 'state.json')} has no state for each of the "
-                                      f"{dist.get_world_size()} ranks")
-            return {"path": path, "state": state}
-        except CheckpointError as err:
-            warnings.warn(f"{err}; falling back to an older checkpoint", stacklevel=2)
-            problems.append(str(err))
-    if problems:
-        raise CheckpointError(f"no intact checkpoint in {directory}: {' | '.join(problems)}")
-    return None
+    def read(path, state):
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"{os.path.join(path, '.metadata')} is missing (not a sharded checkpoint, or "
+                                  "incomplete)")
+        if len(state.get("ranks") or []) != dist.get_world_size():
+            raise CheckpointError(f"{os.path.join(path, 'state.json')} has no state for each of the "
+                                  f"{dist.get_world_size()} ranks")
+        return {"path": path, "state": state}
+
+    return newest_intact(directory, fingerprint, read)
 
 
 @torch.no_grad()
