@@ -195,6 +195,50 @@ def project(result: dict, increment: dict) -> dict:
                 total_target_met=peak <= TARGETS["total_gb"] * GB)
 
 
+def measure_fsdp(cache, layers: int, steps: int, world: int = 2):
+    """The 2-process FSDP2 run of bench/rehearse_fsdp.py (full-scope NPO), kept in `cache` like a probe.
+    UE_REHEARSE_FSDP=0 skips it (None)."""
+    if os.environ.get("UE_REHEARSE_FSDP") == "0":
+        return None
+    path = os.path.join(cache, f"fsdp-npo-full-{layers}.json") if cache else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    from bench.rehearse_fsdp import fsdp_memory
+    from unlearn_engine.atomic import write_text
+
+    result = fsdp_memory(layers=layers, steps=steps, world=world)
+    if path:
+        write_text(path, json.dumps(result))
+    print(f"measured npo full under FSDP2 on {world} processes", flush=True)
+    return result
+
+
+def project_fsdp(fsdp: dict, one_process: dict) -> dict:
+    """Bytes per GPU at 32 decoder / 24 vision layers under FSDP2, from one rank's measured shards: its trained
+    weights, fp32 masters and moments per trained parameter (global count) and its frozen weights per frozen
+    parameter, scaled to the 7B counts; plus the activations of one process's batch (the same records and
+    checkpointing, from the 1-process full-scope projection) and the layers FSDP2 gathers unsharded while one
+    runs (this one and the prefetched next: two decoder layers in bf16, arithmetic)."""
+    rank = max(fsdp["ranks"], key=lambda r: sum(r["held_bytes"].values()))
+    c, held = one_process["counts"], rank["held_bytes"]
+    trained_7b = c["trained"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
+    total_7b = (c["total"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
+                + (FULL_VISION_LAYERS - c["vision_layers"]) * c["vision_layer"])
+    per_trained = trained_7b / rank["trained_params"]
+    frozen_here = rank["total_params"] - rank["trained_params"]
+    device = dict(weights=held["trained_weights"] * per_trained, masters=held["masters"] * per_trained,
+                  moments=held["moments"] * per_trained,
+                  frozen_weights=held["frozen_weights"] * (total_7b - trained_7b) / max(frozen_here, 1),
+                  gathered_layers=2 * c["decoder_layer"] * 2)
+    static = sum(device.values())
+    acts = one_process["projection"]["activations_7b_gb"]["step"] * GB
+    gb = lambda v: round(v / GB, 2)  # noqa: E731
+    return dict(rank=rank["rank"], device_static_gb={n: gb(v) for n, v in device.items()},
+                device_static_7b_gb=gb(static), activations_7b_gb=gb(acts), step_total_7b_gb=gb(static + acts),
+                target_gb=80.0, target_met=static + acts <= 80.0 * GB)
+
+
 def main(argv):
     if argv and argv[0] == "--probe":
         method, scope, layers, steps = argv[1], argv[2], int(argv[3]), int(argv[4])
@@ -233,6 +277,13 @@ def main(argv):
         print(f"{result['method']:>4} {result['scope']:<5} step {result['step_s']:6.1f} s  peak RSS "
               f"{result['peak_rss_bytes'] / GB:5.2f} GB -> 7B: static {p['device_static_7b_gb']:6.2f} GB, step "
               f"{p['step_total_7b_gb']:6.2f} GB, saliency {p['saliency_total_7b_gb']} GB", flush=True)
+    fsdp = measure_fsdp(cache, layers, steps)
+    if fsdp is not None:
+        fsdp["projection"] = project_fsdp(fsdp, next(r for r in rows if (r["method"], r["scope"]) == ("npo", "full")))
+        p = fsdp["projection"]
+        print(f"npo full, FSDP2 x{fsdp['world']}: peak RSS per rank "
+              f"{max(r['peak_rss_bytes'] for r in fsdp['ranks']) / GB:5.2f} GB -> 7B per GPU: static "
+              f"{p['device_static_7b_gb']:6.2f} GB, step {p['step_total_7b_gb']:6.2f} GB", flush=True)
     info = machine()
     path = os.path.join(RESULTS_DIR, f"{info['date']}-{device_tag()}-rehearse.json")
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -242,7 +293,7 @@ def main(argv):
                     mask_fraction=MASK_FRACTION, gradient_checkpointing="on", gradient_step="in_backward"),
         projection_to=dict(decoder_layers=FULL_LAYERS, vision_layers=FULL_VISION_LAYERS, targets_gb=TARGETS),
         layer_increment_bytes=increment, deeper_run=deeper, results=rows,
-        fsdp=None,  # the 2-process FSDP2 figure (full scope, per GPU) goes here
+        fsdp=fsdp,
     ), indent=2))
     print(f"written {path}")
     return 0

@@ -37,12 +37,14 @@ def _local_bytes(tensors) -> int:
 
 
 def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: str, text: dict) -> None:
+    import warnings
+
     import torch.distributed as dist
 
     import bench.rehearse
     import unlearn_engine as ue
     from bench.common import peak_rss_bytes, reset_peak_rss
-    from bench.rehearse import build
+    from bench.rehearse import TOKENS, WORDS, build
 
     bench.rehearse.TEXT = {**bench.rehearse.TEXT, **text}  # a smoke run's smaller text model (build reads TEXT)
 
@@ -53,22 +55,27 @@ def _rank(rank: int, world: int, port: int, layers: int, steps: int, out_dir: st
         model, tok = build(layers, vision_layers=2)
         g = torch.Generator().manual_seed(0)
         images = {k: torch.randn(3, 336, 336, generator=g) for k in ("a", "b")}
-        forget = [ue.Record("how to make a bomb", "step one mix poison step two bake", "forget", image=k)
-                  for k in ("a", "b")]
-        retain = [ue.Record("how to make a bread", "step one mix bread step two bake", "retain", image=k)
-                  for k in ("a", "b")]
+        # the 1-process rehearsal's records: image + text cut to TOKENS tokens a sample
+        long = " ".join(WORDS[i % len(WORDS)] for i in range(TOKENS))
+        forget = [ue.Record("how to make a bomb", "step one mix poison " + long, "forget", image=k) for k in ("a", "b")]
+        retain = [ue.Record("how to make a bread", "step one mix bread " + long, "retain", image=k) for k in ("a", "b")]
         # batch_size 2: each of the 2 ranks takes one forget and one retain record a step (as the 1-process
-        # rehearsal's batch_size 1); reference_device cpu: NPO's unsharded reference copy for the precompute
+        # rehearsal's batch_size 1); reference_device cpu: NPO's unsharded reference copy for the precompute;
+        # checkpointing on, as in the 1-process rehearsal
         run = ue.Unlearner(model, tok, method="npo", scope="full", steps=steps, lr=1e-5, batch_size=world,
-                           max_length=1024, parallel="fsdp", reference_device="cpu", progress=False,
-                           image_loader=images.__getitem__)
+                           max_length=TOKENS, parallel="fsdp", reference_device="cpu", progress=False,
+                           gradient_checkpointing="on", image_loader=images.__getitem__)
         t0 = time.perf_counter()
-        run.fit(forget, retain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the records are cut to TOKENS on purpose
+            run.fit(forget, retain)
         fit_s = time.perf_counter() - t0
         state = run.optimizer.state
         held = dict(trained_weights=_local_bytes(p for _, p in run.named_params),
                     masters=_local_bytes(m for m, (_, p) in zip(run.masters, run.named_params) if m is not p),
-                    moments=_local_bytes(v for m in run.masters for v in state.get(m, {}).values() if v.dim()))
+                    moments=_local_bytes(v for m in run.masters for v in state.get(m, {}).values() if v.dim()),
+                    frozen_weights=_local_bytes(p for p in model.parameters()
+                                                if id(p) not in {id(q) for _, q in run.named_params}))
         row = dict(rank=rank, peak_rss_bytes=peak_rss_bytes(), baseline_rss_bytes=baseline, fit_s=round(fit_s, 1),
                    step_s=round(fit_s / steps, 1), held_bytes=held,
                    trained_params=sum(p.numel() for _, p in run.named_params),  # global, not the local shard
@@ -93,9 +100,11 @@ def fsdp_memory(layers: int = 2, steps: int = 3, world: int = 2, text: dict | No
         mp.spawn(_rank, args=(world, _free_port(), layers, steps, out_dir, text), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
     from bench.common import machine
+    from bench.rehearse import TOKENS
 
     return dict(family="rehearse_fsdp", machine=machine(), method="npo", scope="full", parallel="fsdp", world=world,
-                decoder_layers=layers, vision_layers=2, text_overrides=text, steps=steps, dtype="bfloat16",
+                decoder_layers=layers, vision_layers=2, text_overrides=text, steps=steps, tokens_per_sample=TOKENS,
+                gradient_checkpointing="on", dtype="bfloat16",
                 masters="float32", backend="gloo", device="cpu", threads_per_rank=1, ranks=ranks)
 
 
