@@ -138,7 +138,7 @@ def _prepare_unlearn(args) -> argparse.Namespace:
     """Everything an unlearn run can be refused for, checked before any model is loaded or file written (loading
     a 7B takes minutes); returns what was read (run settings, config, records, fingerprint) for the run itself."""
     from unlearn_engine.api.checkpoint import list_checkpoints
-    from unlearn_engine.api.unlearner import check_resume_settings
+    from unlearn_engine.api.fingerprint import check_resume_settings
 
     run, config = _unlearn_settings(args)
     records = {}
@@ -382,7 +382,8 @@ def _cmd_unlearn(args):
 
 
 def _unlearn(args, prep):
-    from unlearn_engine.api.unlearner import Unlearner, mean_nll
+    from unlearn_engine.api.nll import mean_nll
+    from unlearn_engine.api.unlearner import Unlearner
 
     run, config, forget, retain = prep.run, prep.config, prep.forget, prep.retain
     model_path, out, root = run["model"], run["out"], run["image_root"]

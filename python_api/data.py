@@ -432,3 +432,12 @@ def encode(records: Sequence[Record], tokenizer, *, max_length: int | None = 256
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     batch.update(image_batch(pixels, input_ids, image_pad_id(tokenizer) if pixels else None))
     return batch
+
+
+def on_model(encoded: dict, model: torch.nn.Module) -> dict:
+    """An encoded batch moved to the model's device, its pixel values in the model's dtype."""
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) for k, v in encoded.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+    return batch

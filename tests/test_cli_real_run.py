@@ -246,7 +246,7 @@ def test_non_finite_weights_stop_the_run(tiny_llava_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "_optimizer_step", poisoned)
     records = [ue.Record(r["prompt"], r["response"], "forget") for r in FORGET]
     keep = [ue.Record(r["prompt"], r["response"], "retain") for r in RETAIN]
-    with pytest.raises(ue.api.unlearner.DivergedError, match="NaN/inf after step 2.*step-000001, is kept"):
+    with pytest.raises(ue.api.divergence.DivergedError, match="NaN/inf after step 2.*step-000001, is kept"):
         run.fit(records, keep)
     assert sorted(os.listdir(tmp_path / "o" / "checkpoints")) == ["latest", "step-000001"]
 

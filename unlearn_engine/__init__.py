@@ -35,9 +35,10 @@ from unlearn_engine.api.evaluation import (
 )
 from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
 from unlearn_engine.api.methods import UnlearningMethod, register_method
+from unlearn_engine.api.nll import mean_nll
 from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.trainer import trainer_loss
-from unlearn_engine.api.unlearner import Unlearner, mean_nll
+from unlearn_engine.api.unlearner import Unlearner
 from unlearn_engine.fused_logprob import default_chunk_size
 from unlearn_engine.risk_projection import (
     DEFAULT_UNSAFE_KEYWORDS,
