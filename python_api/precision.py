@@ -41,8 +41,8 @@ class LossScaler:
 
 
 class MasterWeights:
-    """The optimizer methods of Unlearner (a base class of it): they read its model, config, named_params, rank
-    and world, and set masters, mixed, scaler, mask and stepper."""
+    """The optimizer methods of Unlearner (a base class of it): they read its model, config, named_params, fsdp,
+    world, batch() and _forget_logp(), and set masters, mixed, scaler, mask and stepper."""
 
     def _make_masters(self):
         """fp32 master copies of the trained bf16/fp16 parameters (fp32 ones are their own master): the optimizer

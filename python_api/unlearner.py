@@ -1,4 +1,4 @@
-"""The unlearning loop: batches, optimizer and scope, checkpoints and resume, metrics, data parallelism.
+"""The unlearning loop: batches, scope, checkpoints and resume, metrics, data parallelism.
 What is trained and which loss is used come from the method registry (methods.py); the loop names none.
 
     unlearner = ue.Unlearner(model, tokenizer, method="npo", steps=100, lr=1e-5, out_dir="runs/npo")
