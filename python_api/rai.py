@@ -16,7 +16,7 @@ from typing import List
 import torch
 
 from unlearn_engine.api.data import check_image
-from unlearn_engine.api.evaluation.generation import generate
+from unlearn_engine.api.evaluation import generation  # generation.generate: looked up when the command runs
 from unlearn_engine.api.images import image_input
 from unlearn_engine.api.loading import check_model, load_promptable
 from unlearn_engine.checks import require
@@ -132,9 +132,9 @@ def run_rai(args):
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords else None
     rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
                         strength=args.strength)
-    plain = generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
+    plain = generation.generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
     with rai:
-        guarded = generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
+        guarded = generation.generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
     out = {"without_rai": plain, "with_rai": guarded,
            "visual_token_scores": [r.tolist() for r in rai.records]}
     print(json.dumps(out, indent=2) if args.json else f"without RAI: {plain}\nwith RAI:    {guarded}")
