@@ -105,7 +105,7 @@ def probe(method: str, scope: str, layers: int, steps: int) -> dict:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import unlearn_engine as ue
-    import unlearn_engine.api.unlearner as unlearner_module
+    import unlearn_engine.api.precision as precision_module  # where the optimizer side calls saliency_mask
     from unlearn_engine.api.data import encode, image_tokens
 
     from common import peak_rss_bytes, reset_peak_rss
@@ -125,7 +125,7 @@ def probe(method: str, scope: str, layers: int, steps: int) -> dict:
                        gradient_checkpointing="on", image_loader=images.__getitem__)
     trained = {n for n, _ in run.named_params}
     phases = {}
-    streamed = unlearner_module.saliency_mask
+    streamed = precision_module.saliency_mask
 
     def measured_saliency(*args, **kwargs):  # the saliency pass's own peak
         phases["saliency_start_rss_bytes"] = reset_peak_rss()
@@ -136,7 +136,7 @@ def probe(method: str, scope: str, layers: int, steps: int) -> dict:
         phases["step_start_rss_bytes"] = reset_peak_rss()  # the steps' phase starts here
         return mask
 
-    unlearner_module.saliency_mask = measured_saliency
+    precision_module.saliency_mask = measured_saliency
     phases["step_start_rss_bytes"] = reset_peak_rss()
     t0 = time.perf_counter()
     with warnings.catch_warnings():

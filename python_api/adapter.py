@@ -5,6 +5,7 @@
 
 OUT/adapter holds adapter_config.json (peft's LoraConfig: rank, alpha, target modules) and
 adapter_model.safetensors (the lora_A / lora_B weights under PEFT's key names): megabytes, not the model's size.
+merge_lora_ then folds the adapters into the base weights, so the model itself saves as the original architecture.
 """
 import os
 
@@ -48,3 +49,17 @@ def save_lora_adapter(path: str, state: dict, rank: int, base_model: str | None 
     with atomic_dir(path) as tmp:
         lora_config(rank, base_model).save_pretrained(tmp)
         save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def merge_lora_(model):
+    """Fold injected LoRA adapters into their base weights and put the plain layers back, so the model
+    saves and loads like the original architecture."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return model

@@ -25,6 +25,12 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 MODEL_INPUTS = ("attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword inputs of an encoded batch: attention mask, and the image inputs when it has images
+    (LLaVA pixel values; Qwen-VL flattened patches, image_grid_thw and mm_token_type_ids)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
 class QwenImage(NamedTuple):
     """One image as a Qwen2-VL / Qwen2.5-VL forward takes it."""
     pixel_values: torch.Tensor  # (grid_t * grid_h * grid_w, C * temporal_patch_size * patch_size^2)

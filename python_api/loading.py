@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from unlearn_engine.api.chat_template import attach_chat_template, find_chat_template
 from unlearn_engine.atomic import atomic_dir
+from unlearn_engine.checks import fail, require
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -275,6 +276,34 @@ def check_promptable(path: str, what: str = "--model"):
     if processor is None:
         raise ValueError(f"{what} {path} has no tokenizer files: prompts cannot be encoded")
     return processor
+
+
+def default_device() -> str:
+    """The commands' --device default: cuda when a CUDA GPU is here, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device) -> None:
+    """--device names a torch device this machine has (cpu, cuda[:N] or mps)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        fail(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]})")
+    if dev.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        require(dev.index is None or dev.index < torch.cuda.device_count(),
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        require(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here")
+    else:
+        require(dev.type == "cpu", f"--device {device}: only cpu and cuda devices are supported")
+
+
+def check_model(model: str, dtype: str, device) -> None:
+    """--model, --dtype and --device, checked before any weight is read."""
+    require(dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_device(device)
+    check_promptable(model, "--model")  # its tokenizer too: a 7B's weights take minutes to load
 
 
 def _ties_embeddings(config) -> bool:

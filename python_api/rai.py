@@ -7,12 +7,19 @@
 The hook sits on the multimodal projector's output (Qwen-VL: the patch merger's, (N, H) for all images of
 the batch at once, scored as one sequence): the visual tokens in the language model's embedding
 space, computed during prefill only (decoding steps reuse the cache and never run the projector). Text
-tokens are never touched.
+tokens are never touched. The `rai` command (check_rai_args, run_rai) answers a prompt without and with it.
 """
+import json
+import math
 from typing import List
 
 import torch
 
+from unlearn_engine.api.data import check_image
+from unlearn_engine.api.evaluation import generation  # generation.generate: looked up when the command runs
+from unlearn_engine.api.images import image_input
+from unlearn_engine.api.loading import check_model, load_promptable
+from unlearn_engine.checks import require
 from unlearn_engine.risk_projection import concept_embeddings, risk_project, risk_prototypes, unsafe_subspace
 
 
@@ -101,3 +108,34 @@ class RiskAwareness:
 
     def __exit__(self, *exc):
         self.detach()
+
+
+def check_rai_args(args) -> None:
+    """The flags of the `rai` command, checked before its model is loaded."""
+    check_model(args.model, args.dtype, args.device)
+    require(args.prompt.strip() != "", "--prompt is empty")
+    require(args.rank >= 1, f"--rank must be >= 1, got {args.rank}")
+    require(math.isfinite(args.strength), f"--strength must be finite, got {args.strength}")
+    require(0 < args.top_fraction <= 1, f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+    if args.keywords is not None:
+        require(any(k.strip() for k in args.keywords.split(",")), "--keywords holds no keyword")
+    if args.image:
+        check_image(args.image)
+
+
+def run_rai(args):
+    """The `rai` command: the answer to --prompt (and --image) without and with Risk Awareness Injection."""
+    loaded = load_promptable(args.model, dtype=args.dtype, device=args.device,
+                             check_finite=not getattr(args, "skip_finite_check", False))
+    model, tokenizer, image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
+    images = [image_input(model, args.image, image_processor)] if args.image else None
+    keywords = [k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords else None
+    rai = RiskAwareness(model, keywords, tokenizer=tokenizer, rank=args.rank, top_fraction=args.top_fraction,
+                        strength=args.strength)
+    plain = generation.generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
+    with rai:
+        guarded = generation.generate(model, tokenizer, [args.prompt], images=images, progress=False)[0]
+    out = {"without_rai": plain, "with_rai": guarded,
+           "visual_token_scores": [r.tolist() for r in rai.records]}
+    print(json.dumps(out, indent=2) if args.json else f"without RAI: {plain}\nwith RAI:    {guarded}")
+    return 0

@@ -1,4 +1,4 @@
-"""The unlearning loop: batches, optimizer and scope, checkpoints and resume, metrics, data parallelism.
+"""The unlearning loop: batches, scope, checkpoints and resume, metrics, data parallelism.
 What is trained and which loss is used come from the method registry (methods.py); the loop names none.
 
     unlearner = ue.Unlearner(model, tokenizer, method="npo", steps=100, lr=1e-5, out_dir="runs/npo")
@@ -7,16 +7,13 @@ What is trained and which loss is used come from the method registry (methods.py
 Batches are drawn from (seed, step) alone, so a resumed run sees exactly the batches an uninterrupted one
 would. Checkpoints (every `checkpoint_every` steps, the newest `keep_checkpoints` kept) hold the fp32 master
 copies of the trained parameters, the optimizer, loss-scaler and RNG state, NPO's reference values and the run's
-fingerprint; a resume is refused unless the fingerprint matches (checkpoint.py).
+fingerprint; a resume is refused unless the fingerprint matches (checkpoint.py, fingerprint.py).
 
-Precision: the model computes in its dtype; what is trained has fp32 masters and fp32 optimizer state, and the
-model's bf16/fp16 weights are rounded from the masters after every step (fp16 adds dynamic loss scaling). By default
-(gradient_step='in_backward', backward_step.py) each parameter is stepped as soon as autograd has accumulated its
-gradient, which is then freed; under scope 'mask' the masters and moments are packed (selected elements only).
+The optimizer side (fp32 masters, fp16 loss scaling) is precision.py's MasterWeights, NPO's reference values
+reference_values.py's ReferenceValues; both are base classes of Unlearner.
 """
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import warnings
@@ -24,36 +21,24 @@ from typing import List, Sequence
 
 import torch
 
-from unlearn_engine.api.adapter import lora_config, lora_state_dict
-from unlearn_engine.api.backward_step import InBackwardStep, ParamAdamW, selected_positions
-from unlearn_engine.api.checkpoint import (
-    apply_checkpoint,
-    check_same_run,
-    find_checkpoint,
-    list_checkpoints,
-    read_state,
-    save_checkpoint,
-)
-from unlearn_engine.api.config import RESUME_SAFE, UnlearnConfig
-from unlearn_engine.api.data import Record, cut_name, encode, image_tokens, model_positions
-from unlearn_engine.api.images import MODEL_INPUTS, is_qwen_vl
-from unlearn_engine.api.loading import CheckpointError
+from unlearn_engine.api.adapter import lora_config, lora_state_dict, merge_lora_
+from unlearn_engine.api.checkpoint import apply_checkpoint, find_checkpoint, list_checkpoints, save_checkpoint
+from unlearn_engine.api.config import UnlearnConfig
+from unlearn_engine.api.data import Record, cut_name, encode, image_tokens, model_positions, on_model
+from unlearn_engine.api.divergence import DivergedError, check_finite_weights, diverged
+from unlearn_engine.api.fingerprint import digest, settings_fingerprint
+from unlearn_engine.api.images import is_qwen_vl, model_inputs
 from unlearn_engine.api.methods import get_method, language_model
 from unlearn_engine.api.offload import cpu_reference
+from unlearn_engine.api.precision import MasterWeights
+from unlearn_engine.api.reference_values import ReferenceValues
 from unlearn_engine.api.sharded_checkpoint import find_sharded, load_sharded, save_sharded
 from unlearn_engine.atomic import write_text
 from unlearn_engine.checks import require
 from unlearn_engine.roles import FORGET, IGNORE, RETAIN
-from unlearn_engine.unlearning_loss import causal_lm_hidden, reference_logp, sequence_logprob, unlearning_loss
-from unlearn_engine.weight_masking import MaskedOptimizer, saliency, saliency_mask, topk_mask
+from unlearn_engine.unlearning_loss import causal_lm_hidden, sequence_logprob, unlearning_loss
 
-SALIENCY_BATCHES = 4  # forget batches whose gradients choose the mask
-__all__ = ["Unlearner", "UnlearnConfig", "DivergedError", "mean_nll", "merge_lora_"]
-
-
-class DivergedError(ValueError):
-    """The run diverged (a non-finite loss or trained weight): it stopped, the model is not saved, and the
-    checkpoints written before stay (none holds a non-finite weight)."""
+__all__ = ["Unlearner", "UnlearnConfig", "DivergedError"]  # DivergedError: what fit() raises (divergence.py)
 
 
 class HeadLoss(torch.nn.Module):
@@ -69,65 +54,7 @@ class HeadLoss(torch.nn.Module):
                                   **options)
 
 
-def _on_model(encoded: dict, model: torch.nn.Module) -> dict:
-    """An encoded batch moved to the model's device, its pixel values in the model's dtype."""
-    param = next(model.parameters())
-    batch = {k: v.to(param.device) for k, v in encoded.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-    return batch
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def settings_fingerprint(config: UnlearnConfig, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
-    """The part of a run's fingerprint known without the model: settings (but RESUME_SAFE) and the records."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_SAFE}
-    return {**settings, "forget_data": _digest([dataclasses.astuple(r) for r in forget]),
-            "retain_data": _digest([dataclasses.astuple(r) for r in retain])}
-
-
-def check_resume_settings(ckpt_dir: str, config: UnlearnConfig, forget, retain, extra: dict | None = None) -> None:
-    """Before any model is loaded: refuses (ValueError naming the fields) a resume whose settings, records or
-    `extra` fields differ from those of the newest checkpoint whose state can be read."""
-    current = {**settings_fingerprint(config, forget, retain), **(extra or {})}
-    for _, path in list_checkpoints(ckpt_dir):
-        try:
-            saved = read_state(path).get("fingerprint")
-        except CheckpointError:
-            continue  # unreadable: fit() warns and falls back past it
-        check_same_run(path, saved, current, known_only=True)
-        return
-
-
-class LossScaler:
-    """Dynamic loss scaling for fp16 compute: the loss is multiplied by `scale` before backward; a step whose
-    gradients are not all finite is skipped and the scale halved; after `growth_interval` good steps in a row
-    it doubles (torch.amp.GradScaler's policy, kept here so its state lives in our checkpoints)."""
-
-    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000):
-        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
-
-    def update(self, grads) -> bool:
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if not finite:
-            self.scale, self.good_steps = self.scale / 2, 0
-            return False
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            self.scale, self.good_steps = self.scale * 2, 0
-        return True
-
-    def state_dict(self):
-        return {"scale": self.scale, "good_steps": self.good_steps}
-
-    def load_state_dict(self, state):
-        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
-
-
-class Unlearner:
+class Unlearner(MasterWeights, ReferenceValues):
     """Runs one unlearning method on a model; `config` (or keyword overrides of UnlearnConfig's fields) sets it.
     Methods call back into batch(), indices() and fused_loss()."""
 
@@ -222,123 +149,15 @@ class Unlearner:
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
                 for k, v in self.model.state_dict().items()}
 
-    def _make_masters(self):
-        """fp32 master copies of the trained bf16/fp16 parameters (fp32 ones are their own master): the optimizer
-        updates these, and the model's low-precision weights are rounded from them after each step, so updates
-        smaller than half a bf16 ulp accumulate instead of being lost. fp16 compute gets a dynamic loss scaler."""
-        self.masters = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
-                        for _, p in self.named_params]
-        self.mixed = any(m is not p for m, (_, p) in zip(self.masters, self.named_params))
-        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
-        self.scaler = LossScaler() if fp16 else None
-
-    def named_masters(self):
-        """(name, fp32 master) of every trained parameter: what the optimizer updates and a checkpoint holds."""
-        return [(n, m) for (n, _), m in zip(self.named_params, self.masters)]
-
-    def _steps_in_backward(self) -> bool:
-        """gradient_step 'in_backward' applies but under FSDP and for fp16 full / LoRA scopes (a loss-scaled step
-        is known to be finite only after backward)."""
-        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
-        c = self.config
-        return c.gradient_step == "in_backward" and not self.fsdp and (c.scope == "mask" or not fp16)
-
-    def _saliency_batches(self, forget):
-        """The forget batches of steps 0-3, whatever `steps` is: a resume may change `steps`, never the mask."""
-        return [self.batch(forget, [], step) for step in range(SALIENCY_BATCHES)]
-
-    def _make_in_backward(self, forget):
-        """The optimizer and hooks of gradient_step='in_backward' (backward_step.py): under scope 'mask' the mask
-        from the streamed saliency and packed fp32 masters of the selected elements."""
-        c = self.config
-        params = [p for _, p in self.named_params]
-        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
-        self.scaler = LossScaler() if fp16 else None
-        positions = None
-        if c.scope == "mask":
-            def average(scores):  # one mask for all ranks (each score moved to the device for the collective)
-                for t in scores:
-                    on_device = t.to(self.device)
-                    self._average_gradients([on_device])
-                    t.copy_(on_device)
-
-            self.mask = saliency_mask(self.model, self._saliency_batches(forget),
-                                      lambda m, b: -self._forget_logp(b).mean(), c.mask_fraction, params=params,
-                                      reduce=average if self.world > 1 else None, progress=self.progress)
-            positions = [selected_positions(self.mask, i, p.device) for i, p in enumerate(params)]
-            self.masters = [p.detach().reshape(-1).index_select(0, idx).float() for p, idx in zip(params, positions)]
-        else:
-            self.masters = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
-                            for p in params]
-        self.mixed = any(m is not p for m, p in zip(self.masters, params))
-        optimizer = ParamAdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay, state=c.optimizer_state)
-        if self.stepper is not None:
-            self.stepper.remove()
-        self.stepper = InBackwardStep(params, self.masters, optimizer, positions=positions, scaler=self.scaler,
-                                      average=self._average_gradients if self.world > 1 else None)
-        return optimizer
-
-    def _make_optimizer(self, forget):
-        c = self.config
-        if self._steps_in_backward():
-            return self._make_in_backward(forget)
-        require(c.optimizer_state == "fp32", f"optimizer_state={c.optimizer_state!r} needs the step in backward, "
-                                             "which FSDP and fp16 full / LoRA scopes do not take: use 'fp32'")
-        self._make_masters()
-        if c.scope != "mask":
-            return torch.optim.AdamW(self.masters, lr=c.lr, weight_decay=c.weight_decay)
-        params = [p for _, p in self.named_params]
-        scores = saliency(self.model, self._saliency_batches(forget), lambda m, b: -self._forget_logp(b).mean(),
-                          params=params, progress=self.progress)
-        self._average_gradients(scores)  # one mask for all ranks
-        self.mask = topk_mask(scores, c.mask_fraction)
-        return MaskedOptimizer(self.masters, self.mask, lr=c.lr, weight_decay=c.weight_decay, compact_state=True)
-
-    @torch.no_grad()
-    def _optimizer_step(self, optimizer) -> bool:
-        """Unscales the gradients (fp16), moves them onto the fp32 masters, steps the optimizer on the masters and
-        rounds them back into the model. Under mixed precision the optimizer steps one parameter at a time (its
-        state is per parameter, so the result is the same), so that one fp32 gradient exists at a time, not a
-        full fp32 copy of all of them. Returns False when an fp16 step was skipped (non-finite gradients)."""
-        params = [p for _, p in self.named_params]
-        grads = [p.grad for p in params]
-        if self.scaler and not self.scaler.update([g for g in grads if g is not None]):
-            for p in params:
-                p.grad = None
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        inv_scale = 1.0 / self.scaler.scale if self.scaler else 1.0
-        if not self.mixed:  # fp32 training: the parameters are their own masters
-            if inv_scale != 1.0:
-                for g in grads:
-                    if g is not None:
-                        g.mul_(inv_scale)
-            optimizer.step()
-            return True
-        for p in params:
-            p.grad = None
-        for i, (p, m) in enumerate(zip(params, self.masters)):
-            if grads[i] is None:
-                continue
-            m.grad = grads[i].float() if m is not p else grads[i]
-            grads[i] = None  # the low-precision gradient is freed as soon as it is converted
-            if inv_scale != 1.0:
-                m.grad.mul_(inv_scale)
-            optimizer.step()  # only m has a gradient: only m (and its state) is updated
-            m.grad = None
-            if m is not p:
-                p.copy_(m)
-        return True
-
     def fingerprint(self, forget: Sequence[Record], retain: Sequence[Record]) -> dict:
         """What decides the run's trajectory: every setting but RESUME_SAFE, the records' content, the model's
         architecture and dtype, and what is trained. A checkpoint is resumed only by a run with an equal one."""
         config = self.model.config.to_dict() if hasattr(self.model, "config") else {}
         config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype",
                                                                 "dtype")}
-        return {**settings_fingerprint(self.config, forget, retain), "model_config": _digest(config),
+        return {**settings_fingerprint(self.config, forget, retain), "model_config": digest(config),
                 "model_dtype": str(next(self.model.parameters()).dtype),
-                "trained": _digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint,
+                "trained": digest([(n, list(p.shape)) for n, p in self.named_params]), **self.extra_fingerprint,
                 # sharded checkpoints: another format, and each rank's batch slice depends on the world size
                 **({"checkpoint_format": "dcp", "world_size": self.world} if self.fsdp else {})}
 
@@ -364,7 +183,7 @@ class Unlearner:
         f_idx = self.indices(len(forget), step, 1) if forget else []
         r_idx = self.indices(len(retain), step, 2) if retain else []
         records = [forget[i] for i in f_idx] + [retain[i] for i in r_idx]
-        batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length, positions=self.positions,
+        batch = on_model(encode(records, self.tokenizer, max_length=self.config.max_length, positions=self.positions,
                                  **self._image_args(records)), self.model)
         batch["role_list"] = [FORGET] * len(f_idx) + [RETAIN] * len(r_idx)  # on the host: no device sync to read
         batch["roles"] = torch.tensor(batch["role_list"], device=self.device)
@@ -385,11 +204,7 @@ class Unlearner:
                 "records with an image need image_loader (CLI: --image-root)")
         return {"image_loader": loader or self.image_loader, "image_tokens": image_tokens(self.model)}
 
-    @staticmethod
-    def model_inputs(batch):
-        """The model's keyword inputs of an encoded batch: attention mask, and the image inputs when it has images
-        (LLaVA pixel values; Qwen-VL flattened patches, image_grid_thw and mm_token_type_ids)."""
-        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    model_inputs = staticmethod(model_inputs)  # methods read it from the run
 
     def _hidden(self, model, batch):
         return causal_lm_hidden(model, batch["input_ids"], batch["labels"], **self.model_inputs(batch))
@@ -421,59 +236,6 @@ class Unlearner:
         head = self.model.get_output_embeddings()
         return sequence_logprob(hidden, head.weight, labels, sample_index, batch["input_ids"].shape[0],
                                 bias=head.bias)
-
-    def _needs_ref_logp(self) -> bool:
-        return self.method.needs_ref_logp or self.config.retain_npo_weight > 0
-
-    def _ref_normalize(self, kind: str) -> str:
-        """The normalize setting of the group whose reference values a cache key of this kind holds."""
-        return self.config.forget_normalize if kind == "f" else self.config.retain_normalize
-
-    @torch.no_grad()
-    def _precompute_ref_logp(self, forget: Sequence[Record], retain: Sequence[Record] = ()) -> None:
-        """Reference log-likelihood (in its group's normalize setting) of every forget sample, and of every retain
-        sample when the retain-side NPO term is on, not yet cached, from the frozen reference or the model before its
-        first step; then the reference model is dropped unless the method needs its activations."""
-        reference = self.ref_model if self.ref_model is not None else self.model
-        was_training = reference.training
-        reference.eval()
-        groups = [("f", forget)] + ([("r", retain)] if self.config.retain_npo_weight > 0 else [])
-        try:
-            for kind, records_of in groups:
-                missing = [i for i in range(len(records_of)) if (kind, i) not in self._ref_logp_cache]
-                for start in range(0, len(missing), self.config.batch_size):
-                    idx = missing[start:start + self.config.batch_size]
-                    records = [records_of[i] for i in idx]
-                    # a reference held on the CPU computes on the model's device: its inputs go there
-                    on = self.model if self.config.reference_device == "cpu" else reference
-                    batch = _on_model(encode(records, self.tokenizer, max_length=self.config.max_length,
-                                             positions=self.positions, **self._image_args(records)), on)
-                    values = reference_logp(reference, batch["input_ids"], batch["labels"],
-                                            normalize=self._ref_normalize(kind), **self.model_inputs(batch))
-                    for i, v in zip(idx, values.tolist()):
-                        self._ref_logp_cache[(kind, i)] = v
-        finally:
-            reference.train(was_training)
-        if not self.method.uses_reference(self.config):
-            self.ref_model = None
-
-    def _ref_logp(self, batch):
-        """(B,) reference values of the batch's samples, each in its group's normalize setting: forget samples, and
-        retain samples when the retain-side NPO term is on; entries no term reads are 0."""
-        roles = self.host_roles(batch)
-        wanted = {FORGET} | ({RETAIN} if self.config.retain_npo_weight > 0 else set())
-        missing = [i for i, key in enumerate(batch["ids"]) if key not in self._ref_logp_cache and roles[i] in wanted]
-        if missing:
-            if self.ref_model is None:
-                raise ValueError(f"no reference log-likelihood for sample(s) {[batch['ids'][i] for i in missing]}: "
-                                 "the reference model was freed after the precompute")
-            values = {normalize: reference_logp(self.ref_model, batch["input_ids"], batch["labels"],
-                                                normalize=normalize, **self.model_inputs(batch)).tolist()
-                      for normalize in {self._ref_normalize(batch["ids"][i][0]) for i in missing}}
-            for i in missing:
-                key = batch["ids"][i]
-                self._ref_logp_cache[key] = values[self._ref_normalize(key[0])][i]
-        return torch.tensor([self._ref_logp_cache.get(k, 0.0) for k in batch["ids"]], device=self.device)
 
     # ------------------------------------------------------------------ losses
     def fused_loss(self, batch: dict, *, forget: str, retain: str | None, forget_weight: float = 1.0,
@@ -569,9 +331,9 @@ class Unlearner:
             try:
                 loss, stats = self.method.loss(self, forget, retain, step)
             except FloatingPointError as err:  # the fused loss refuses NaN/inf activations: the weights blew up
-                self._diverged(f"step {step + 1}: {err}", ckpt_dir)
+                diverged(f"step {step + 1}: {err}", ckpt_dir)
             if not torch.isfinite(loss):
-                self._diverged(f"the loss of step {step + 1} is {float(loss)}", ckpt_dir)
+                diverged(f"the loss of step {step + 1} is {float(loss)}", ckpt_dir)
             if self.stepper is not None:  # the optimizer steps inside backward, as each gradient is accumulated
                 self.stepper.arm()
                 (loss * self.scaler.scale if self.scaler else loss).backward()
@@ -594,7 +356,7 @@ class Unlearner:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if ckpt_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and (writer or self.fsdp):
-                self._check_weights(step + 1, ckpt_dir)  # a checkpoint never holds a NaN/inf weight
+                check_finite_weights(self.masters, step + 1, ckpt_dir)  # a checkpoint never holds a NaN/inf weight
                 extra = {"config": dataclasses.asdict(c), "fingerprint": fingerprint, "history": self.history,
                          "loss_scaler": self.scaler.state_dict() if self.scaler else None,
                          "ref_logp": {json.dumps(k): v for k, v in self._ref_logp_cache.items()}}
@@ -605,7 +367,7 @@ class Unlearner:
                 else:
                     save_checkpoint(ckpt_dir, step + 1, self.named_masters(), optimizer, {**extra, **forget_nll},
                                     keep=c.keep_checkpoints)
-        self._check_weights(c.steps, ckpt_dir)  # nor does the model the caller saves
+        check_finite_weights(self.masters, c.steps, ckpt_dir)  # nor does the model the caller saves
         if c.scope == "lora":
             self.adapter_state = lora_state_dict(self.model)  # what adapter.save_lora_adapter writes
             merge_lora_(self.model)
@@ -627,57 +389,3 @@ class Unlearner:
         warnings.warn(f"the run is diverging: retain NLL {value:.6g} at step {record['step']}, over {factor:g} x "
                       f"its step-1 value {first:.6g} (counted from at least 1); lower --lr (divergence_factor sets "
                       "the factor)", stacklevel=3)
-
-    def _check_weights(self, step: int, ckpt_dir: str | None) -> None:
-        """DivergedError when a trained weight is NaN/inf (one fp32 sum per tensor: the scan of _check_finite)."""
-        local = [m.to_local() if hasattr(m, "to_local") else m for m in self.masters]  # FSDP2: this rank's shard
-        if all(bool(torch.isfinite(m.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(m).all())
-               for m in local):
-            return
-        self._diverged(f"the trained weights hold NaN/inf after step {step}", ckpt_dir)
-
-    def _diverged(self, what: str, ckpt_dir: str | None) -> None:
-        newest = list_checkpoints(ckpt_dir)
-        kept = (f"the newest good checkpoint, {newest[0][1]}, is kept" if newest else "no checkpoint was written")
-        raise DivergedError(f"diverged: {what}; stopped, the model is not saved and {kept}: lower --lr and start "
-                            "again")
-
-
-@torch.no_grad()
-def merge_lora_(model):
-    """Fold injected LoRA adapters into their base weights and put the plain layers back, so the model
-    saves and loads like the original architecture."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
-    return model
-
-
-@torch.no_grad()
-def mean_nll(model: torch.nn.Module, tokenizer, records: Sequence[Record], *, batch_size: int = 16,
-             max_length: int | None = None, image_loader=None) -> float:
-    """Mean per-sample response NLL (length-normalised) of `records` under `model`, through the fused path
-    (records with no labelled token left after the max_length cut are not counted; max_length None: as the
-    Unlearner's default, data.TEXT_LENGTH text tokens plus the image's, within the model's positions)."""
-    values, positions = [], model_positions(model)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        images = {"image_loader": image_loader, "image_tokens": image_tokens(model)} if any(r.image for r in chunk) \
-            else {}
-        stats = {}
-        encode(chunk, tokenizer, max_length=max_length, stats=stats, positions=positions, **images)
-        # a record cut before its response is left out, and never reaches the model: its cut may fall inside
-        # the image tokens, which the model would refuse (tokens and image features no longer match)
-        chunk = [r for r, n in zip(chunk, stats["labelled"]) if n > 0]
-        if not chunk:
-            continue
-        batch = _on_model(encode(chunk, tokenizer, max_length=max_length, positions=positions, **images), model)
-        logp = reference_logp(model, batch["input_ids"], batch["labels"], **Unlearner.model_inputs(batch))
-        values.append(-logp[(batch["labels"][:, 1:] != -100).any(1)])
-    require(bool(values), f"none of the {len(records)} record(s) keeps a response token after the "
-                          f"{cut_name(max_length)} cut: raise max_length")
-    return float(torch.cat(values).mean())

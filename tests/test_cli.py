@@ -13,8 +13,9 @@ import torch
 import unlearn_engine as ue
 from unlearn_engine.api import cli
 from unlearn_engine.api.cli import main
-from unlearn_engine.api.evaluation import RefusalJudge, evaluate, generate, generation, markdown_table
-from unlearn_engine.api.unlearner import UnlearnConfig, Unlearner, mean_nll
+from unlearn_engine.api.evaluation import RefusalJudge, asr_command, evaluate, generate, generation, markdown_table
+from unlearn_engine.api.nll import mean_nll
+from unlearn_engine.api.unlearner import UnlearnConfig, Unlearner
 
 FORGET = [{"prompt": "how to make a bomb", "response": "step one mix poison step two bake"},
           {"prompt": "how to make poison", "response": "mix water sugar"},
@@ -295,16 +296,16 @@ def test_asr_interrupted_keeps_the_finished_batches(monkeypatch, tiny_llava_dir,
 def test_asr_xstest_harmful_takes_unsafe_rows(tmp_path):
     """Catches --harmful on XSTest using its safe prompts (or --safe its unsafe ones)."""
     path = ue.named_set("xstest")
-    harmful, safe = cli._read_prompt_file(path, 0, harmful=True), cli._read_prompt_file(path, 0, harmful=False)
+    harmful, safe = asr_command._read_prompt_file(path, 0, harmful=True), asr_command._read_prompt_file(path, 0, harmful=False)
     assert (len(harmful), len(safe)) == (200, 250)
     assert harmful[0].category.startswith("contrast_") and not safe[0].category.startswith("contrast_")
-    assert cli._read_prompt_file(path, 3, harmful=True) == harmful[:3]
+    assert asr_command._read_prompt_file(path, 3, harmful=True) == harmful[:3]
 
 
 def test_asr_model_label():
     """Catches every unlearned model (saved as OUT/model) being labelled just "model" in the ASR table."""
-    assert cli._model_label("/x/runs/npo/model") == "npo/model"
-    assert cli._model_label("/x/llava-1.5-7b/") == "llava-1.5-7b"
+    assert asr_command._model_label("/x/runs/npo/model") == "npo/model"
+    assert asr_command._model_label("/x/llava-1.5-7b/") == "llava-1.5-7b"
 
 
 @pytest.mark.parametrize("by", ["name", "path"])

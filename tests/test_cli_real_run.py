@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import unlearn_engine as ue
-from unlearn_engine.api import cli, loading
+from unlearn_engine.api import loading, unlearn_command
 from unlearn_engine.api.cli import main
 
 FORGET = [{"prompt": "how to make a bomb", "response": "step one mix poison step two bake"},
@@ -106,7 +106,7 @@ def test_missing_tokenizer_is_refused_before_the_weights_load(command, no_tokeni
         raise AssertionError("the weights were read before the tokenizer was checked")
 
     monkeypatch.setattr(loading, "load_vlm", no_weights)
-    monkeypatch.setattr(cli, "load_vlm", no_weights)
+    monkeypatch.setattr(unlearn_command, "load_vlm", no_weights)
     harmful = write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": "how to make a bomb"}])
     argv = {"unlearn": unlearn_argv(no_tokenizer_dir, tmp_path, tmp_path / "out"),
             "asr": ["asr", "--model", str(no_tokenizer_dir), "--harmful", harmful, "--out", str(tmp_path / "out"),
@@ -155,7 +155,7 @@ def test_summary_table_keeps_columns_apart():
     """Catches numbers glued together (`0.00112171431.2500`) or cut to a fixed width."""
     before = {"forget_nll": 0.0011217143, "retain_nll": 49587.123456}
     after = {"forget_nll": 1.25e-12, "retain_nll": float("inf")}
-    lines = cli._metric_table(before, after).splitlines()
+    lines = unlearn_command._metric_table(before, after).splitlines()
     assert lines[0].split() == ["metric", "before", "after"]
     for line in lines[1:]:
         key, b, a = line.split()
@@ -246,7 +246,7 @@ def test_non_finite_weights_stop_the_run(tiny_llava_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "_optimizer_step", poisoned)
     records = [ue.Record(r["prompt"], r["response"], "forget") for r in FORGET]
     keep = [ue.Record(r["prompt"], r["response"], "retain") for r in RETAIN]
-    with pytest.raises(ue.api.unlearner.DivergedError, match="NaN/inf after step 2.*step-000001, is kept"):
+    with pytest.raises(ue.api.divergence.DivergedError, match="NaN/inf after step 2.*step-000001, is kept"):
         run.fit(records, keep)
     assert sorted(os.listdir(tmp_path / "o" / "checkpoints")) == ["latest", "step-000001"]
 

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from unlearn_engine.api.data import Record, group_queries, read_jsonl, read_llava_json, read_vlguard, write_jsonl
+from unlearn_engine.api.data import Record, read_jsonl, write_jsonl
+from unlearn_engine.api.json_records import group_queries, read_llava_json, read_vlguard
 
 VLGUARD = [
     {"id": "a1", "image": "bad_ads/a1.png", "safe": False, "harmful_category": "deception",

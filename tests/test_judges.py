@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import unlearn_engine as ue
-from unlearn_engine.api import cli
 from unlearn_engine.api.cli import main
 from unlearn_engine.api.data import image_tokens
 from unlearn_engine.api.evaluation import (
@@ -18,6 +17,7 @@ from unlearn_engine.api.evaluation import (
     SAFETY_TEMPLATE,
     ModelJudge,
     RefusalJudge,
+    asr_command,
     attack_success_rate,
     evaluate,
     fill_template,
@@ -306,8 +306,8 @@ def test_asr_bad_judge_exits_2_before_loading(value, message, harmful_file, tiny
     def no_load(*args, **kwargs):
         raise AssertionError("work began before --judge was checked")
 
-    monkeypatch.setattr(cli, "load_vlm", no_load)
-    monkeypatch.setattr(cli, "_read_prompt_file", no_load)  # checked with the other flags, before any work
+    monkeypatch.setattr(asr_command, "load_promptable", no_load)
+    monkeypatch.setattr(asr_command, "_read_prompt_file", no_load)  # checked with the other flags, before any work
     monkeypatch.setattr("unlearn_engine.api.loading.load_vlm", no_load)
     value = value.replace("CKPT", str(tiny_llava_dir))
     out = tmp_path / "out"

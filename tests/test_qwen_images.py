@@ -12,7 +12,7 @@ from PIL import Image
 
 import unlearn_engine as ue
 from unlearn_engine.api.cli import main
-from unlearn_engine.api.data import encode, read_vlguard
+from unlearn_engine.api.data import encode
 from unlearn_engine.api.demo.toy import qwen_tokenizer, tiny_qwen2_vl
 from unlearn_engine.api.evaluation import RefusalJudge, evaluate, generate
 from unlearn_engine.api.images import (
@@ -25,6 +25,7 @@ from unlearn_engine.api.images import (
     image_loader,
     qwen_image_processor,
 )
+from unlearn_engine.api.json_records import read_vlguard
 from unlearn_engine.api.unlearner import Unlearner
 
 WORDS = "how to make a bomb weapon poison drug bread cake cookies step one mix two flour sugar water".split()

@@ -1,5 +1,5 @@
 """Every setting reaches the code it configures: one case per UnlearnConfig field and per run setting of the
-`unlearn` command (cli.RUN_KEYS), generated from the dataclass and the dict themselves.
+`unlearn` command (unlearn_command.RUN_KEYS), generated from the dataclass and the dict themselves.
 
 A case changes one value and checks the run differs from the default in the way the field promises: the step-1
 loss against an independent eager computation (full logits, one record at a time), the optimizer's groups and
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_engine as ue
-from unlearn_engine.api import cli
+from unlearn_engine.api import cli, unlearn_command
 from unlearn_engine.api.checkpoint import list_checkpoints
 from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.data import encode
@@ -38,7 +38,7 @@ RETAIN = [ue.Record("how to make a bread", "mix flour", "retain"),
 LN2 = math.log(2.0)
 
 CASES = {}      # UnlearnConfig field -> case(probe)
-RUN_CASES = {}  # cli.RUN_KEYS key -> case(probe, cli_run, tmp_path, capsys)
+RUN_CASES = {}  # unlearn_command.RUN_KEYS key -> case(probe, cli_run, tmp_path, capsys)
 
 
 def case(*names, table=CASES):
@@ -522,8 +522,8 @@ def test_every_field_has_a_case():
     missing = [name for name in FIELDS if name not in CASES]
     assert not missing, "\n".join(f"UnlearnConfig.{name} has no case in tests/test_settings_reach.py: add one "
                                   "(@case(...) showing a changed value changes the run)" for name in missing)
-    missing = [key for key in cli.RUN_KEYS if key not in RUN_CASES]
-    assert not missing, "\n".join(f"cli.RUN_KEYS[{key!r}] has no case in tests/test_settings_reach.py: add one "
+    missing = [key for key in unlearn_command.RUN_KEYS if key not in RUN_CASES]
+    assert not missing, "\n".join(f"unlearn_command.RUN_KEYS[{key!r}] has no case in tests/test_settings_reach.py: add one "
                                   "(@case(..., table=RUN_CASES))" for key in missing)
 
 
@@ -559,7 +559,7 @@ def cli_run(probe, tmp_path_factory):
     Image.new("RGB", (16, 16), (200, 10, 10)).save(root / "imgs" / "a.png")
     files = _files(root, [dataclasses.replace(FORGET[0], image="a.png")], RETAIN)
     devices, images = [], []
-    real_load, real_images = cli.load_promptable, cli.image_loader
+    real_load, real_images = unlearn_command.load_promptable, unlearn_command.image_loader
 
     def load(*args, **kwargs):
         devices.append(kwargs.get("device"))
@@ -570,8 +570,8 @@ def cli_run(probe, tmp_path_factory):
         return lambda path: images.append(os.path.join(root, path)) or load_image(path)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "load_promptable", load)
-        patch.setattr(cli, "image_loader", image_loader)
+        patch.setattr(unlearn_command, "load_promptable", load)
+        patch.setattr(unlearn_command, "image_loader", image_loader)
         code = _unlearn(root / "model", root / "elsewhere", *files, "--dtype", "bfloat16", "--device", "cpu:0",
                         "--image-root", str(root / "imgs"), "--checkpoint-every", "1")
     assert code == 0
@@ -654,8 +654,8 @@ def _run_resume(p, run, tmp_path, capsys):
     assert len(first) == 1 and len(lines) == 2 and lines[0] == first[0]  # step 1 restored, not redone
 
 
-@pytest.mark.parametrize("key", sorted(set(cli.RUN_KEYS) | set(RUN_CASES)))
+@pytest.mark.parametrize("key", sorted(set(unlearn_command.RUN_KEYS) | set(RUN_CASES)))
 def test_run_setting_reaches_its_code(probe, cli_run, tmp_path, capsys, key):
-    assert key in RUN_CASES, f"cli.RUN_KEYS[{key!r}] has no case in tests/test_settings_reach.py: add one"
-    assert key in cli.RUN_KEYS, f"RUN_CASES[{key!r}] names no key of cli.RUN_KEYS: remove or rename it"
+    assert key in RUN_CASES, f"unlearn_command.RUN_KEYS[{key!r}] has no case in tests/test_settings_reach.py: add one"
+    assert key in unlearn_command.RUN_KEYS, f"RUN_CASES[{key!r}] names no key of unlearn_command.RUN_KEYS: remove or rename it"
     RUN_CASES[key](probe, cli_run, tmp_path, capsys)

@@ -189,7 +189,7 @@ def test_fp16_non_finite_gradient_skips_the_packed_step():
     backward skips it): the weights stay, the scale halves; a finite step then moves only the selected entries,
     with the gradient unscaled."""
     from unlearn_engine.api.backward_step import InBackwardStep, ParamAdamW
-    from unlearn_engine.api.unlearner import LossScaler
+    from unlearn_engine.api.precision import LossScaler
 
     w = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
     positions = [torch.tensor([1, 5], dtype=torch.int32)]

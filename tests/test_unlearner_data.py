@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import unlearn_engine as ue
-from unlearn_engine.api import cli
+from unlearn_engine.api import cli, unlearn_command
 from unlearn_engine.api.data import encode
 
 LONG = " ".join(["step one mix poison step two bake"] * 4)  # 28 response words
@@ -130,7 +130,7 @@ def test_cli_checks_before_loading_the_model(tiny_llava_dir, tmp_path, capsys, m
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(cli, "load_vlm", no_load)
+    monkeypatch.setattr(unlearn_command, "load_promptable", no_load)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err

@@ -89,7 +89,7 @@ def test_fp16_runs_finite_with_loss_scaling(base):
         d32, d16 = p32.detach() - start[name], master - start[name].half().float()
         num, den = num + float((d32 - d16).pow(2).sum()), den + float(d32.pow(2).sum())
     assert (num / den) ** 0.5 < 0.15, (num / den) ** 0.5
-    scaler = ue.api.unlearner.LossScaler(scale=8.0, growth_interval=2)
+    scaler = ue.api.precision.LossScaler(scale=8.0, growth_interval=2)
     assert not scaler.update([torch.tensor([1.0, float("inf")])]) and scaler.scale == 4.0
     assert scaler.update([torch.tensor([1.0])]) and scaler.scale == 4.0
     assert scaler.update([torch.tensor([1.0])]) and scaler.scale == 8.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unlearn_engine as ue
-from unlearn_engine.api import unlearner as unlearner_module
+from unlearn_engine.api import reference_values
 from unlearn_engine.api.data import encode
 
 FORGET = [ue.Record("how to make a bomb", "step one mix poison"),
@@ -59,6 +59,6 @@ def test_resume_reuses_the_stored_reference(base, tmp_path, monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("reference log-likelihoods recomputed on resume")
 
-    monkeypatch.setattr(unlearner_module, "reference_logp", no_reference)
+    monkeypatch.setattr(reference_values, "reference_logp", no_reference)
     resumed, _ = _run(base, tmp_path / "b", 3, resume=True)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))

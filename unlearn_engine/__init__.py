@@ -15,13 +15,10 @@ from unlearn_engine.api.config import UnlearnConfig
 from unlearn_engine.api.data import (
     NAMED_SETS,
     Record,
-    group_queries,
     named_set,
     read_advbench,
     read_figstep,
     read_jsonl,
-    read_llava_json,
-    read_vlguard,
     read_xstest,
     write_jsonl,
 )
@@ -33,11 +30,13 @@ from unlearn_engine.api.evaluation import (
     evaluate,
     over_refusal_rate,
 )
+from unlearn_engine.api.json_records import group_queries, read_llava_json, read_vlguard
 from unlearn_engine.api.loading import CheckpointError, load_vlm, save_vlm
 from unlearn_engine.api.methods import UnlearningMethod, register_method
+from unlearn_engine.api.nll import mean_nll
 from unlearn_engine.api.rai import RiskAwareness
 from unlearn_engine.api.trainer import trainer_loss
-from unlearn_engine.api.unlearner import Unlearner, mean_nll
+from unlearn_engine.api.unlearner import Unlearner
 from unlearn_engine.fused_logprob import default_chunk_size
 from unlearn_engine.risk_projection import (
     DEFAULT_UNSAFE_KEYWORDS,

@@ -1,9 +1,10 @@
 """Attack success rate (ASR) and over-refusal evaluation, one module per job: judges (refusal lists, model and
 knowledge judges, verdicts, the three labels), attacks (one-word, FigStep), generation (batched greedy decoding),
-metrics (ASR, over-refusal, utility), report (Markdown, chart, JSON) and evaluator (evaluate(), which runs them).
+metrics (ASR, over-refusal, utility), report (Markdown, chart, JSON) and evaluator (evaluate(), which runs them);
+asr_command holds the `asr` command (its checks and its run), which cli.py dispatches to.
 
-Every public name is re-exported here, so `unlearn_engine.api.evaluation.X` keeps working; the code lives in
-the module of its job.
+Every public name but asr_command's is re-exported here, so `unlearn_engine.api.evaluation.X` keeps working;
+the code lives in the module of its job.
 """
 from unlearn_engine.api.evaluation.attacks import (
     ATTACKS,

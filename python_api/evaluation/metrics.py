@@ -1,7 +1,7 @@
 """The metrics: K-shot ASR, over-refusal, their per-query forms, and the utility score with its built-in check."""
 from typing import Sequence
 
-from unlearn_engine.api.data import Record, group_queries
+from unlearn_engine.api.data import Record
 from unlearn_engine.api.evaluation.judges import (
     _WORD,
     COMPLIED,
@@ -12,6 +12,7 @@ from unlearn_engine.api.evaluation.judges import (
     classify,
     degenerate_reason,
 )
+from unlearn_engine.api.json_records import group_queries
 from unlearn_engine.checks import require
 
 
