@@ -124,12 +124,12 @@ class MasterWeights:
         full fp32 copy of all of them. Returns False when an fp16 step was skipped (non-finite gradients)."""
         params = [p for _, p in self.named_params]
         grads = [p.grad for p in params]
+        inv_scale = 1.0 / self.scaler.scale if self.scaler else 1.0  # the scale backward ran with (update may grow it)
         if self.scaler and not self.scaler.update([g for g in grads if g is not None]):
             for p in params:
                 p.grad = None
             optimizer.zero_grad(set_to_none=True)
             return False
-        inv_scale = 1.0 / self.scaler.scale if self.scaler else 1.0
         if not self.mixed:  # fp32 training: the parameters are their own masters
             if inv_scale != 1.0:
                 for g in grads:

@@ -129,3 +129,18 @@ def test_fp16_optimizer_sees_unscaled_fp32_gradients(base, scope):
     num = sum(float((g32[n] - g16[n]).pow(2).sum()) for n in g32)
     den = sum(float(g32[n].pow(2).sum()) for n in g32)
     assert den > 0 and (num / den) ** 0.5 < 0.05, (num / den) ** 0.5
+
+
+def test_fp16_unscales_with_the_scale_backward_ran_with(base, monkeypatch):
+    """Catches unscaling with the scale after the scaler's update: on the step whose good-step count reaches
+    growth_interval the scale doubles, and that step's gradients came out halved."""
+    class GrowsEveryStep(ue.api.precision.LossScaler):
+        def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 1):
+            super().__init__(scale, growth_interval)
+
+    monkeypatch.setattr(ue.api.precision, "LossScaler", GrowsEveryStep)
+    g32, _ = _captured_grads(base, torch.float32)
+    g16, _ = _captured_grads(base, torch.float16)
+    num = sum(float((g32[n] - g16[n]).pow(2).sum()) for n in g32)
+    den = sum(float(g32[n].pow(2).sum()) for n in g32)
+    assert den > 0 and (num / den) ** 0.5 < 0.05, (num / den) ** 0.5
