@@ -7,6 +7,7 @@ backward (the defaults), on this machine. Each (method, scope) runs in a fresh p
                                                      # NPO mask at 3 layers (the per-layer increment)
     python -m bench.rehearse --probes DIR            # keep each run's result in DIR; a rerun measures only the rest
     python -m bench.rehearse --probe npo mask 2 3    # one run (what the driver calls), prints one JSON line
+    python -m bench.rehearse --table FILE            # the README's table from a rehearsal JSON
 
 Writes bench/results/<date>-<device>-rehearse.json. Per run it measures: the bytes of what the run keeps (the
 model's weights, fp32 masters, optimizer moments, the mask's packed positions, LoRA adapters, a frozen reference,
@@ -239,7 +240,37 @@ def project_fsdp(fsdp: dict, one_process: dict) -> dict:
                 target_gb=80.0, target_met=static + acts <= 80.0 * GB)
 
 
+def markdown_table(report: dict) -> str:
+    """The README's table from a rehearsal JSON: per run the measured step time and peak RSS at 2 layers, and
+    the 7B projection (accelerator static, activations, peak; host memory), then the FSDP2 row per GPU."""
+    gb = lambda v: f"{v / GB:.2f}"  # noqa: E731
+    lines = ["| run | step, 2 layers (CPU) | peak RSS, 2 layers: saliency / steps | 7B static | 7B activations "
+             "(upper bound) | 7B accelerator peak | 7B host memory | target met |", "|" + "---|" * 8]
+    for r in report["results"]:
+        p = r["projection"]
+        host = sum(p["host_7b_gb"].values())
+        saliency = gb(r["saliency_peak_rss_bytes"]) + " / " if "saliency_peak_rss_bytes" in r else ""
+        small = (r["method"], r["scope"]) in (("npo", "mask"), ("npo", "lora"))
+        target = (("yes" if p["static_target_met"] and p["total_target_met"] else
+                   "static yes, total no" if p["static_target_met"] else "no") if small else "(one GPU: none)")
+        lines.append(f"| {r['method'].upper()} {r['scope']} | {r['step_s']} s | {saliency}{gb(r['peak_rss_bytes'])} GB "
+                     f"| {p['device_static_7b_gb']} GB | {p['activations_7b_gb']['step']} GB | {p['peak_7b_gb']} GB | "
+                     f"{host:.2f} GB | {target} |")
+    f = report.get("fsdp")
+    if f:
+        p = f["projection"]
+        peak = max(r["peak_rss_bytes"] for r in f["ranks"])
+        lines.append(f"| NPO full, FSDP2 x{f['world']}, per GPU | {max(r['step_s'] for r in f['ranks'])} s | "
+                     f"{gb(peak)} GB per rank | {p['device_static_7b_gb']} GB | {p['activations_7b_gb']} GB | "
+                     f"{p['step_total_7b_gb']} GB | | {'yes' if p['target_met'] else 'no'} (80 GB) |")
+    return "\n".join(lines)
+
+
 def main(argv):
+    if argv and argv[0] == "--table":
+        with open(argv[1]) as f:
+            print(markdown_table(json.load(f)))
+        return 0
     if argv and argv[0] == "--probe":
         method, scope, layers, steps = argv[1], argv[2], int(argv[3]), int(argv[4])
         print(json.dumps(probe(method, scope, layers, steps)))
