@@ -42,6 +42,9 @@ def launched_since(before):
     ("cub_block_size", r"cub::BlockScan made for 128 threads runs in a block of 64x1x1"),
     ("too_many_threads", r"block of 2048x1x1 threads: a block holds 1 to 1024 threads"),
     ("grid_too_large", r"grid of 1x70000x1 blocks is outside the limits"),
+    ("above_launch_bounds", r"bounded_kernel .*: block of 65 threads is wider than the kernel's __launch_bounds__\(64\) "
+                            r"\(common/sim/bindings.cpp:\d+\)"),
+    ("no_launch_bounds", r"unbounded_kernel .*: the kernel declares no __launch_bounds__"),
 ])
 def test_the_simulator_reports_each_broken_rule(check, message):
     with pytest.raises(RuntimeError, match=message):

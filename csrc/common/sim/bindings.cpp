@@ -12,12 +12,12 @@
 namespace unlearn_engine {
 namespace {
 
-__global__ void divergent_barrier_kernel(int* out) {
+__global__ void __launch_bounds__(64) divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 32) __syncthreads();  // only the first warp
   out[threadIdx.x] = 1;
 }
 
-__global__ void two_barriers_kernel(int* out) {
+__global__ void __launch_bounds__(64) two_barriers_kernel(int* out) {
   if (threadIdx.x % 2) {
     __syncthreads();
   } else {
@@ -26,23 +26,23 @@ __global__ void two_barriers_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
-__global__ void exited_lane_kernel(int* out) {
+__global__ void __launch_bounds__(64) exited_lane_kernel(int* out) {
   if (threadIdx.x == 5) return;
   out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 0);
 }
 
-__global__ void divergent_ballot_kernel(int* out) {
+__global__ void __launch_bounds__(64) divergent_ballot_kernel(int* out) {
   unsigned ballot = 0;
   for (int e = 0; e < 2; ++e)
     if ((threadIdx.x + e) % 3 != 0) ballot |= __ballot_sync(0xffffffffu, e == 0);
   out[threadIdx.x] = static_cast<int>(ballot);
 }
 
-__global__ void mask_without_self_kernel(int* out) {
+__global__ void __launch_bounds__(64) mask_without_self_kernel(int* out) {
   out[threadIdx.x] = __shfl_down_sync(0x1u, static_cast<int>(threadIdx.x), 1);
 }
 
-__global__ void cub_reuse_kernel(int* out) {
+__global__ void __launch_bounds__(64) cub_reuse_kernel(int* out) {
   using Reduce = cub::BlockReduce<int, 64>;
   __shared__ typename Reduce::TempStorage storage;
   const int a = Reduce(storage).Sum(1);
@@ -50,7 +50,7 @@ __global__ void cub_reuse_kernel(int* out) {
   if (threadIdx.x == 0) out[0] = a + b;
 }
 
-__global__ void cub_block_size_kernel(int* out) {
+__global__ void __launch_bounds__(64) cub_block_size_kernel(int* out) {
   using Scan = cub::BlockScan<int, 128>;
   __shared__ typename Scan::TempStorage storage;
   int before = 0, total = 0;
@@ -58,12 +58,12 @@ __global__ void cub_block_size_kernel(int* out) {
   out[threadIdx.x] = before + total;
 }
 
-__global__ void uninitialised_shared_kernel(int* out) {
+__global__ void __launch_bounds__(64) uninitialised_shared_kernel(int* out) {
   __shared__ int never_written[64];
   out[threadIdx.x] = never_written[threadIdx.x];  // the fill pattern shows
 }
 
-__global__ void good_kernel(int* out) {  // every rule kept: a warp sum, a barrier, a block scan
+__global__ void __launch_bounds__(64) good_kernel(int* out) {  // every rule kept: a warp sum, a barrier, a block scan
   using Scan = cub::BlockScan<int, 64>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ int warp_sums[2];
@@ -75,6 +75,10 @@ __global__ void good_kernel(int* out) {  // every rule kept: a warp sum, a barri
   Scan(storage).ExclusiveSum(1, before, total);
   out[blockIdx.x * 64 + threadIdx.x] = warp_sums[0] + warp_sums[1] + before + total;
 }
+
+__global__ void __launch_bounds__(64) bounded_kernel(int* out) { out[threadIdx.x] = 1; }
+
+__global__ void unbounded_kernel(int* out) { out[threadIdx.x] = 1; }  // no __launch_bounds__
 
 // Runs one of the kernels above on 64 threads (good: 3 blocks), into a fresh int array; returns it.
 std::vector<int> run_check(const std::string& name, unsigned block) {
@@ -89,6 +93,8 @@ std::vector<int> run_check(const std::string& name, unsigned block) {
   else if (name == "cub_block_size") UE_LAUNCH(1, threads, 0, 0, cub_block_size_kernel)(out.data());
   else if (name == "uninitialised_shared") UE_LAUNCH(1, threads, 0, 0, uninitialised_shared_kernel)(out.data());
   else if (name == "good") UE_LAUNCH(3, threads, 0, 0, good_kernel)(out.data());
+  else if (name == "above_launch_bounds") UE_LAUNCH(1, 65, 0, 0, bounded_kernel)(out.data());
+  else if (name == "no_launch_bounds") UE_LAUNCH(1, threads, 0, 0, unbounded_kernel)(out.data());
   else if (name == "too_many_threads") UE_LAUNCH(1, 2048, 0, 0, good_kernel)(out.data());
   else if (name == "grid_too_large") UE_LAUNCH(dim3(1, 70000), threads, 0, 0, good_kernel)(out.data());
   else throw std::invalid_argument("unknown simulator check " + name);

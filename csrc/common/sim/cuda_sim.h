@@ -10,6 +10,8 @@
 //     ballot), or whose mask leaves out the calling lane,
 //   - a launch beyond the grid or block limits (1024 threads a block, 65535 blocks in y and z), or with dynamic
 //     shared memory (no kernel here uses it),
+//   - a launch of a kernel that declares no __launch_bounds__, or with a block wider than the bound it declares
+//     (setup.py's generated unit for each kernel source registers the bounds: register_launch_bounds below),
 //   - misuse of the cub stand-ins (cub_sim.h).
 // Shared memory is fresh for every block and filled with a pattern (0x00 or 0xff, from the seed), so a read before
 // any write gives a different value in the two runs of a test.
@@ -48,7 +50,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // read by setup.py from the source, checked at launch (launch_bounds below)
 // Every __shared__ variable is a static in one linker section, which is filled with the pattern before each block.
 #define __shared__ __attribute__((section("ue_sim_shared"), aligned(16))) static
 
@@ -300,6 +302,53 @@ inline bool complete_warp_op(Launch& l, unsigned warp_base, Thread& first) {
   return true;
 }
 
+// ------------------------------------------------------------------------------------------ launch bounds
+// The first argument of each kernel's __launch_bounds__ (its most threads a block), by kernel name. setup.py scans
+// every kernel source for the declarations and registers them from the source's generated unit, where the bound's
+// expression is evaluated in the kernel's namespace. A name declared twice with different bounds cannot be checked
+// by name: launching it fails.
+struct LaunchBound {
+  int64_t max_threads = 0;
+  std::string declared_at;  // file:line
+  bool conflict = false;
+};
+inline std::map<std::string, LaunchBound>& launch_bounds() {
+  static std::map<std::string, LaunchBound> bounds;
+  return bounds;
+}
+inline bool register_launch_bounds(const char* kernel, int64_t max_threads, const char* file, int line) {
+  const std::string at = std::string(file) + ":" + std::to_string(line);
+  auto [it, added] = launch_bounds().try_emplace(kernel, LaunchBound{max_threads, at});
+  if (!added && it->second.max_threads != max_threads) {
+    it->second.conflict = true;
+    it->second.declared_at += " and " + at;
+  }
+  return true;
+}
+
+// The kernel's name in UE_LAUNCH's text: "ns::row_pass_kernel<scalar_t>" -> "row_pass_kernel".
+inline std::string kernel_name(const std::string& launched) {
+  std::string name = launched.substr(0, launched.find('<'));
+  const size_t scope = name.rfind("::");
+  if (scope != std::string::npos) name = name.substr(scope + 2);
+  const size_t first = name.find_first_not_of(" \t\n"), last = name.find_last_not_of(" \t\n");
+  return first == std::string::npos ? std::string() : name.substr(first, last - first + 1);
+}
+
+inline void check_launch_bounds(const char* kernel, uint64_t threads) {
+  const std::string name = kernel_name(kernel);
+  const auto it = launch_bounds().find(name);
+  if (it == launch_bounds().end())
+    fail("the kernel declares no __launch_bounds__ (every kernel must; setup.py registers it from the source)");
+  const LaunchBound& bound = it->second;
+  if (bound.conflict)
+    fail("kernels named " + name + " declare different __launch_bounds__ (" + bound.declared_at +
+         "): rename one, the launch check finds a bound by name");
+  if (threads > static_cast<uint64_t>(bound.max_threads))
+    fail("block of " + std::to_string(threads) + " threads is wider than the kernel's __launch_bounds__(" +
+         std::to_string(bound.max_threads) + ") (" + bound.declared_at + ")");
+}
+
 // ------------------------------------------------------------------------------------------ shared memory
 extern "C" char __start_ue_sim_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_ue_sim_shared[] __attribute__((weak, visibility("hidden")));
@@ -398,6 +447,7 @@ struct Launcher {
         grid.z > kMaxGridYZ)
       fail("grid of " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) +
            " blocks is outside the limits (x in [1, 2^31), y and z in [1, 65535])");
+    check_launch_bounds(kernel, threads);
     if (shared_bytes != 0) fail("dynamic shared memory is not simulated");
     l.threads = static_cast<unsigned>(threads);
     l.thread.resize(l.threads);
