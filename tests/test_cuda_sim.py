@@ -6,6 +6,8 @@ kernels (make sanitize-sim runs this file under ASan + UBSan).
 """
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,24 @@ def test_fresh_shared_memory_holds_the_seed_s_pattern():
     assert set(_C_sim.run_check("uninitialised_shared")[:64]) == {0}  # one block of 64 threads
     _C_sim.configure(3)
     assert set(_C_sim.run_check("uninitialised_shared")[:64]) == {-1}
+
+
+@pytest.mark.parametrize("check,where", [
+    ("shared_overflow", r"past its end: 4 of the 64 canary bytes after it changed"),
+    ("shared_underflow", r"before its start: 4 of the 64 canary bytes before it changed"),
+])
+def test_a_write_past_either_end_of_a_shared_variable_is_reported(check, where):
+    """One int written next to a shared array (on a GPU, into its neighbour): its canary shows it when the block
+    ends. Under ASan (make sanitize-sim) the canaries are poisoned and ASan stops the process at the write itself,
+    so there the kernel runs in a child process."""
+    if _C_sim.sanitized:
+        child = subprocess.run([sys.executable, "-c", f"import conftest; conftest.load_simulator().run_check({check!r})"],
+                               cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=600)
+        assert child.returncode != 0 and "use-after-poison" in child.stderr, child.stderr[-3000:]
+        return
+    with pytest.raises(RuntimeError, match=r"shared_\w+_kernel .*: shared variable `first` \(.*bindings.cpp:\d+, "
+                                           r"256 bytes\) was written " + where):
+        _C_sim.run_check(check)
 
 
 def fused_case(n, h, v, generator):
