@@ -71,18 +71,20 @@ def test_fresh_shared_memory_holds_the_seed_s_pattern():
     assert set(_C_sim.run_check("uninitialised_shared")[:64]) == {-1}
 
 
-@pytest.mark.parametrize("check,where", [
-    ("shared_overflow", r"past its end: 4 of the 64 canary bytes after it changed"),
-    ("shared_underflow", r"before its start: 4 of the 64 canary bytes before it changed"),
+@pytest.mark.parametrize("check,where,sanitizer_report", [
+    ("shared_overflow", r"past its end: 4 of the 64 canary bytes after it changed", "use-after-poison"),
+    ("shared_underflow", r"before its start: 4 of the 64 canary bytes before it changed",
+     "index -1 out of bounds for type 'int [64]'"),
 ])
-def test_a_write_past_either_end_of_a_shared_variable_is_reported(check, where):
+def test_a_write_past_either_end_of_a_shared_variable_is_reported(check, where, sanitizer_report):
     """One int written next to a shared array (on a GPU, into its neighbour): its canary shows it when the block
-    ends. Under ASan (make sanitize-sim) the canaries are poisoned and ASan stops the process at the write itself,
-    so there the kernel runs in a child process."""
+    ends. Under make sanitize-sim the sanitizers stop the process at the write itself (ASan: the canaries are
+    poisoned; UBSan: an array index out of bounds), so there the kernel runs in a child process."""
     if _C_sim.sanitized:
-        child = subprocess.run([sys.executable, "-c", f"import conftest; conftest.load_simulator().run_check({check!r})"],
-                               cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=600)
-        assert child.returncode != 0 and "use-after-poison" in child.stderr, child.stderr[-3000:]
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import conftest; " \
+               f"conftest.load_simulator().run_check({check!r})"
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert child.returncode != 0 and sanitizer_report in child.stderr, child.stderr[-3000:]
         return
     with pytest.raises(RuntimeError, match=r"shared_\w+_kernel .*: shared variable `first` \(.*bindings.cpp:\d+, "
                                            r"256 bytes\) was written " + where):

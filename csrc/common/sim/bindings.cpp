@@ -82,12 +82,15 @@ __global__ void __launch_bounds__(64) bounded_kernel(int* out) { out[threadIdx.x
 __global__ void unbounded_kernel(int* out) { out[threadIdx.x] = 1; }  // no __launch_bounds__
 
 // Each thread writes its neighbour's element of `first`: the last one writes one past its end (on a GPU, into
-// `second` or padding), thread 0 of the other kernel one before its start.
+// `second` or padding), thread 0 of the other kernel one before its start. The first writes through a pointer,
+// which UBSan's bounds check does not see (ASan's poisoned canary does, under make sanitize-sim); the second
+// indexes the array, which UBSan reports there.
 __global__ void __launch_bounds__(64) shared_overflow_kernel(int* out) {
   UE_SHARED(int, first, [64]);
   UE_SHARED(int, second, [64]);
   second[threadIdx.x] = 2;
-  first[threadIdx.x + 1] = 1;
+  int* next = first + 1;
+  next[threadIdx.x] = 1;
   __syncthreads();
   out[threadIdx.x] = second[threadIdx.x];
 }
