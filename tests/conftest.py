@@ -63,6 +63,8 @@ def load_simulator():
         except ImportError as err:
             pytest.fail(f"unlearn_engine._C_sim is not built (make build, or setup.py build_ext --inplace): {err}")
         return _C_sim
+    import unlearn_engine  # noqa: F401  (_C: the CPU ops that tests/test_cuda_sim.py compares with)
+
     if "unlearn_engine._C_sim" not in sys.modules:
         spec = importlib.util.spec_from_file_location("unlearn_engine._C_sim", path)
         module = importlib.util.module_from_spec(spec)

@@ -6,6 +6,8 @@ kernels (make sanitize-sim runs this file under ASan + UBSan).
 """
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,6 +46,9 @@ def launched_since(before):
     ("cub_block_size", r"cub::BlockScan made for 128 threads runs in a block of 64x1x1"),
     ("too_many_threads", r"block of 2048x1x1 threads: a block holds 1 to 1024 threads"),
     ("grid_too_large", r"grid of 1x70000x1 blocks is outside the limits"),
+    ("above_launch_bounds", r"bounded_kernel .*: block of 65 threads is wider than the kernel's __launch_bounds__\(64\) "
+                            r"\(common/sim/bindings.cpp:\d+\)"),
+    ("no_launch_bounds", r"unbounded_kernel .*: the kernel declares no __launch_bounds__"),
 ])
 def test_the_simulator_reports_each_broken_rule(check, message):
     with pytest.raises(RuntimeError, match=message):
@@ -66,6 +71,26 @@ def test_fresh_shared_memory_holds_the_seed_s_pattern():
     assert set(_C_sim.run_check("uninitialised_shared")[:64]) == {0}  # one block of 64 threads
     _C_sim.configure(3)
     assert set(_C_sim.run_check("uninitialised_shared")[:64]) == {-1}
+
+
+@pytest.mark.parametrize("check,where,sanitizer_report", [
+    ("shared_overflow", r"past its end: 4 of the 64 canary bytes after it changed", "use-after-poison"),
+    ("shared_underflow", r"before its start: 4 of the 64 canary bytes before it changed",
+     "index -1 out of bounds for type 'int [64]'"),
+])
+def test_a_write_past_either_end_of_a_shared_variable_is_reported(check, where, sanitizer_report):
+    """One int written next to a shared array (on a GPU, into its neighbour): its canary shows it when the block
+    ends. Under make sanitize-sim the sanitizers stop the process at the write itself (ASan: the canaries are
+    poisoned; UBSan: an array index out of bounds), so there the kernel runs in a child process."""
+    if _C_sim.sanitized:
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import conftest; " \
+               f"conftest.load_simulator().run_check({check!r})"
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert child.returncode != 0 and sanitizer_report in child.stderr, child.stderr[-3000:]
+        return
+    with pytest.raises(RuntimeError, match=r"shared_\w+_kernel .*: shared variable `first` \(.*bindings.cpp:\d+, "
+                                           r"256 bytes\) was written " + where):
+        _C_sim.run_check(check)
 
 
 def fused_case(n, h, v, generator):

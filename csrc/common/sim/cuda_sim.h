@@ -10,9 +10,13 @@
 //     ballot), or whose mask leaves out the calling lane,
 //   - a launch beyond the grid or block limits (1024 threads a block, 65535 blocks in y and z), or with dynamic
 //     shared memory (no kernel here uses it),
+//   - a launch of a kernel that declares no __launch_bounds__, or with a block wider than the bound it declares
+//     (setup.py's generated unit for each kernel source registers the bounds: register_launch_bounds below),
 //   - misuse of the cub stand-ins (cub_sim.h).
-// Shared memory is fresh for every block and filled with a pattern (0x00 or 0xff, from the seed), so a read before
-// any write gives a different value in the two runs of a test.
+// Shared memory (declared with UE_SHARED, csrc/common/shared.h) is heap storage fresh for every block, filled with a
+// pattern (0x00 or 0xff, from the seed), so a read before any write gives a different value in the two runs of a
+// test; canaries on both sides of each variable are checked when the block ends, so a write past either end is
+// reported naming the variable and its declaration (under ASan the canaries are poisoned: any access, at once).
 //
 // Not modelled: timing, the memory model (every memory access is sequentially consistent here; a race between two
 // threads with no barrier between them shows only when the shuffled order changes the result), streams, events,
@@ -39,6 +43,7 @@
 #include <torch/library.h>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define UE_SIM_ASAN 1
 #endif
@@ -48,9 +53,12 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
-// Every __shared__ variable is a static in one linker section, which is filled with the pattern before each block.
-#define __shared__ __attribute__((section("ue_sim_shared"), aligned(16))) static
+#define __launch_bounds__(...)  // read by setup.py from the source, checked at launch (launch_bounds below)
+// Shared memory is declared with UE_SHARED (csrc/common/shared.h), which the simulator can check; a plain __shared__
+// is a compile error here.
+#define __shared__                                                                                                \
+  static_assert(sizeof(char) == 0, "declare shared memory with UE_SHARED(type, name, dims) (csrc/common/shared.h), " \
+                                   "not __shared__: the simulator gives it per-block storage with canaries");
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -74,6 +82,27 @@ constexpr size_t kStackBytes =
 
 enum class Wait { kNone, kBarrier, kWarp, kExited };
 enum class WarpOp { kShflDown, kShflIdx, kBallot, kAll, kAny };
+
+// One UE_SHARED variable of the block being simulated: kCanaryBytes of canary, the variable, kCanaryBytes of canary.
+constexpr size_t kCanaryBytes = 64;
+constexpr unsigned char kCanary = 0x5a;  // neither fill pattern
+struct FreeShared {
+  size_t total;
+  void operator()(unsigned char* p) const {
+#ifdef UE_SIM_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(p, total);
+#endif
+    std::free(p);
+  }
+};
+struct SharedVariable {
+  const void* site;  // the declaration's key (shared.h)
+  const char* name;
+  const char* file;
+  int line;
+  size_t bytes;
+  std::unique_ptr<unsigned char, FreeShared> storage;
+};
 
 struct Thread {
   ucontext_t context;
@@ -119,6 +148,8 @@ struct Launch {
 #endif
   Thread* current = nullptr;
   uint64_t barrier_epoch = 0;  // barriers released in this block so far (the cub stand-ins check reuse with it)
+  unsigned char pattern = 0;   // fresh shared memory's bytes (from the seed)
+  std::vector<SharedVariable> shared;  // this block's, in the order its threads first reached them
   std::string error;           // set by a thread that found a violation; the scheduler throws it
   std::function<void()> body;  // the kernel call with its arguments
 };
@@ -300,13 +331,104 @@ inline bool complete_warp_op(Launch& l, unsigned warp_base, Thread& first) {
   return true;
 }
 
-// ------------------------------------------------------------------------------------------ shared memory
-extern "C" char __start_ue_sim_shared[] __attribute__((weak, visibility("hidden")));
-extern "C" char __stop_ue_sim_shared[] __attribute__((weak, visibility("hidden")));
+// ------------------------------------------------------------------------------------------ launch bounds
+// The first argument of each kernel's __launch_bounds__ (its most threads a block), by kernel name. setup.py scans
+// every kernel source for the declarations and registers them from the source's generated unit, where the bound's
+// expression is evaluated in the kernel's namespace. A name declared twice with different bounds cannot be checked
+// by name: launching it fails.
+struct LaunchBound {
+  int64_t max_threads = 0;
+  std::string declared_at;  // file:line
+  bool conflict = false;
+};
+inline std::map<std::string, LaunchBound>& launch_bounds() {
+  static std::map<std::string, LaunchBound> bounds;
+  return bounds;
+}
+inline bool register_launch_bounds(const char* kernel, int64_t max_threads, const char* file, int line) {
+  const std::string at = std::string(file) + ":" + std::to_string(line);
+  auto [it, added] = launch_bounds().try_emplace(kernel, LaunchBound{max_threads, at});
+  if (!added && it->second.max_threads != max_threads) {
+    it->second.conflict = true;
+    it->second.declared_at += " and " + at;
+  }
+  return true;
+}
 
-inline void fill_shared(unsigned char pattern) {
-  if (__start_ue_sim_shared && __stop_ue_sim_shared)
-    std::memset(__start_ue_sim_shared, pattern, static_cast<size_t>(__stop_ue_sim_shared - __start_ue_sim_shared));
+// The kernel's name in UE_LAUNCH's text: "ns::row_pass_kernel<scalar_t>" -> "row_pass_kernel".
+inline std::string kernel_name(const std::string& launched) {
+  std::string name = launched.substr(0, launched.find('<'));
+  const size_t scope = name.rfind("::");
+  if (scope != std::string::npos) name = name.substr(scope + 2);
+  const size_t first = name.find_first_not_of(" \t\n"), last = name.find_last_not_of(" \t\n");
+  return first == std::string::npos ? std::string() : name.substr(first, last - first + 1);
+}
+
+inline void check_launch_bounds(const char* kernel, uint64_t threads) {
+  const std::string name = kernel_name(kernel);
+  const auto it = launch_bounds().find(name);
+  if (it == launch_bounds().end())
+    fail("the kernel declares no __launch_bounds__ (every kernel must; setup.py registers it from the source)");
+  const LaunchBound& bound = it->second;
+  if (bound.conflict)
+    fail("kernels named " + name + " declare different __launch_bounds__ (" + bound.declared_at +
+         "): rename one, the launch check finds a bound by name");
+  if (threads > static_cast<uint64_t>(bound.max_threads))
+    fail("block of " + std::to_string(threads) + " threads is wider than the kernel's __launch_bounds__(" +
+         std::to_string(bound.max_threads) + ") (" + bound.declared_at + ")");
+}
+
+// ------------------------------------------------------------------------------------------ shared memory
+// The storage of a UE_SHARED variable in the block being simulated: the first thread to reach the declaration
+// allocates it (malloc: under ASan it also gets ASan's redzones), fills it with the pattern and puts canaries around.
+inline unsigned char* shared_storage(const void* site, size_t bytes, const char* name, const char* file, int line) {
+  Launch& l = launch_state();
+  for (SharedVariable& v : l.shared)
+    if (v.site == site) return v.storage.get() + kCanaryBytes;
+  const size_t total = bytes + 2 * kCanaryBytes;
+  auto* p = static_cast<unsigned char*>(std::malloc(total));  // 16-byte aligned, as is p + kCanaryBytes
+  if (p == nullptr) throw std::bad_alloc();
+  std::memset(p, kCanary, kCanaryBytes);
+  std::memset(p + kCanaryBytes, l.pattern, bytes);
+  std::memset(p + kCanaryBytes + bytes, kCanary, kCanaryBytes);
+#ifdef UE_SIM_ASAN
+  ASAN_POISON_MEMORY_REGION(p, kCanaryBytes);
+  ASAN_POISON_MEMORY_REGION(p + kCanaryBytes + bytes, kCanaryBytes);
+#endif
+  l.shared.push_back(SharedVariable{site, name, file, line, bytes, {p, FreeShared{total}}});
+  return p + kCanaryBytes;
+}
+
+template <typename T>
+T& shared(const void* site, const char* name, const char* file, int line) {
+  static_assert(std::is_trivially_destructible_v<T> && alignof(T) <= 16,
+                "UE_SHARED: the simulator's storage is not constructed or destroyed, and is 16-byte aligned");
+  return *reinterpret_cast<T*>(shared_storage(site, sizeof(T), name, file, line));
+}
+
+// At the end of a block: every canary intact, else the variable was written past one of its ends. Frees the storage.
+inline void check_shared(Launch& l) {
+  for (const SharedVariable& v : l.shared) {
+    const unsigned char* p = v.storage.get();
+#ifdef UE_SIM_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(p, v.bytes + 2 * kCanaryBytes);
+#endif
+    const unsigned char* after = p + kCanaryBytes + v.bytes;
+    size_t before_changed = 0, after_changed = 0;
+    for (size_t i = 0; i < kCanaryBytes; ++i) {
+      before_changed += p[i] != kCanary;
+      after_changed += after[i] != kCanary;
+    }
+    if (before_changed || after_changed) {
+      std::ostringstream out;
+      out << "shared variable `" << v.name << "` (" << v.file << ":" << v.line << ", " << v.bytes
+          << " bytes) was written " << (after_changed ? "past its end" : "before its start") << ": "
+          << (after_changed ? after_changed : before_changed) << " of the " << kCanaryBytes << " canary bytes "
+          << (after_changed ? "after" : "before") << " it changed";
+      fail(out.str());
+    }
+  }
+  l.shared.clear();
 }
 
 // ------------------------------------------------------------------------------------------------- the launch
@@ -398,6 +520,7 @@ struct Launcher {
         grid.z > kMaxGridYZ)
       fail("grid of " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) +
            " blocks is outside the limits (x in [1, 2^31), y and z in [1, 65535])");
+    check_launch_bounds(kernel, threads);
     if (shared_bytes != 0) fail("dynamic shared memory is not simulated");
     l.threads = static_cast<unsigned>(threads);
     l.thread.resize(l.threads);
@@ -408,15 +531,16 @@ struct Launcher {
     Settings& s = settings();
     ++s.launches[kernel];
     std::mt19937_64 rng(s.seed * 0x9e3779b97f4a7c15ull + s.launches[kernel]);
-    const unsigned char pattern = (s.seed & 1) ? 0xff : 0x00;
+    l.pattern = (s.seed & 1) ? 0xff : 0x00;
     std::vector<uint64_t> blocks(uint64_t{grid.x} * grid.y * grid.z);
     for (uint64_t b = 0; b < blocks.size(); ++b) blocks[b] = b;
     std::shuffle(blocks.begin(), blocks.end(), rng);
     for (uint64_t b : blocks) {
       l.block_index = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                            static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
-      fill_shared(pattern);
+      l.shared.clear();
       run_block(l, rng);
+      check_shared(l);
       ++s.blocks[kernel];
     }
   }

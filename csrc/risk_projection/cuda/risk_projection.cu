@@ -9,6 +9,7 @@
 #include "../risk_projection.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#include "common/shared.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -24,10 +25,10 @@ template <typename T, int JMAX>
 __global__ void __launch_bounds__(kThreads)
 risk_rows_kernel(const T* in, T* out, const float* __restrict__ A, int64_t H, int J, const bool* __restrict__ select,
                  int64_t mode, float threshold, float strength, float* __restrict__ scores) {
-  __shared__ float partial[kThreads / 32][JMAX + 1];
-  __shared__ float coef[JMAX + 1];  // the row's coefficients c_j, then its squared norm
-  __shared__ float w[JMAX];
-  __shared__ int changed;
+  UE_SHARED(float, partial, [kThreads / 32][JMAX + 1]);
+  UE_SHARED(float, coef, [JMAX + 1]);  // the row's coefficients c_j, then its squared norm
+  UE_SHARED(float, w, [JMAX]);
+  UE_SHARED(int, changed);
   const int64_t i = blockIdx.x;
   const T* row = in + i * H;
   float acc[JMAX + 1];

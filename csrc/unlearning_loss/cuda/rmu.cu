@@ -8,6 +8,7 @@
 #include "../rmu.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#include "common/shared.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -18,7 +19,7 @@ constexpr int kMaxBlocks = 1024;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sum_sq_diff_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, int64_t H,
                                    bool b_is_row, float* __restrict__ partial) {
-  __shared__ float warp_sums[kThreads / 32];
+  UE_SHARED(float, warp_sums, [kThreads / 32]);
   float acc = 0.f;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
     const float d = static_cast<float>(a[i]) - static_cast<float>(b[b_is_row ? i % H : i]);

@@ -9,6 +9,7 @@
 #include "../row_pass.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#include "common/shared.h"
 
 namespace unlearn_engine {
 namespace {
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) row_pass_kernel(T* __restrict_
                                 const int64_t* __restrict__ labels, const float* __restrict__ coef_logp,
                                 const float* __restrict__ coef_kl, float* __restrict__ logp_out,
                                 float* __restrict__ kl_out) {
-  __shared__ Online shared[33];
+  UE_SHARED(Online, shared, [33]);
   const int64_t row = blockIdx.x;
   T* z = logits + row * V;
   const T* r = ref ? ref + row * V : nullptr;

@@ -8,6 +8,7 @@
 #include "../topk_mask.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#include "common/shared.h"
 #include "common/macros.h"
 
 namespace unlearn_engine {
@@ -24,7 +25,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) histogram_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
                                  const int64_t* __restrict__ prefix, int shift, unsigned long long* __restrict__ hist,
                                  int64_t nan_slot) {
-  __shared__ unsigned int local[257];
+  UE_SHARED(unsigned int, local, [257]);
   for (int d = threadIdx.x; d < 257; d += blockDim.x) local[d] = 0;
   __syncthreads();
   const int64_t i = blockIdx.x;
@@ -46,7 +47,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) count_ties_kernel(const int64_t* __restrict__ ptrs, ItemView items, const int64_t* __restrict__ segs,
                                   const int64_t* __restrict__ threshold, int64_t* __restrict__ ties) {
   using Reduce = cub::BlockReduce<int64_t, kThreads>;
-  __shared__ typename Reduce::TempStorage storage;
+  UE_SHARED(typename Reduce::TempStorage, storage);
   const int64_t i = blockIdx.x;
   const T* x = reinterpret_cast<const T*>(ptrs[items.tensor(i)]) + items.start(i);
   const int64_t t = threshold[segs[i]];
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) write_mask_kernel(const int64_t* __r
                                   const int64_t* __restrict__ threshold, const int64_t* __restrict__ tie_offset,
                                   const int64_t* __restrict__ ties_needed) {
   using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ typename Scan::TempStorage storage;
+  UE_SHARED(typename Scan::TempStorage, storage);
   const int64_t i = blockIdx.x;
   const int64_t start = items.start(i), length = items.length(i);
   const T* x = reinterpret_cast<const T*>(ptrs[items.tensor(i)]) + start;
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) high_histogram_kernel(const int64_t*
                                                                   const int64_t* __restrict__ segs,
                                                                   unsigned long long* __restrict__ hist,
                                                                   int64_t nan_slot) {
-  __shared__ unsigned int local[kHighBins + 1];
+  UE_SHARED(unsigned int, local, [kHighBins + 1]);
   for (int d = threadIdx.x; d <= kHighBins; d += blockDim.x) local[d] = 0;
   __syncthreads();
   const int64_t i = blockIdx.x;
