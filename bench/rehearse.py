@@ -164,12 +164,34 @@ def activations(result: dict) -> dict:
     return out
 
 
+def counts_7b(c: dict) -> tuple:
+    """(all, trained) parameter counts at 32 decoder / 24 vision layers, from a run's counts(): the extra decoder
+    layers are trained, the extra vision layers frozen."""
+    extra_decoder = (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
+    extra_vision = (FULL_VISION_LAYERS - c["vision_layers"]) * c["vision_layer"]
+    return c["total"] + extra_decoder + extra_vision, c["trained"] + extra_decoder
+
+
+def cached(cache, name: str, measure, what: str) -> dict:
+    """measure()'s result; with --probes DIR (`cache`) kept as DIR/name.json and reused by a rerun."""
+    path = os.path.join(cache, f"{name}.json") if cache else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    result = measure()
+    if path:
+        from unlearn_engine.atomic import write_text
+
+        os.makedirs(cache, exist_ok=True)
+        write_text(path, json.dumps(result))
+    print(f"measured {what}", flush=True)
+    return result
+
+
 def project(result: dict, increment: dict) -> dict:
     """Bytes at 32 decoder / 24 vision layers, from the measured bytes per element and per layer."""
     c, k = result["counts"], result["kept"]
-    rest = c["total"] - c["decoder_layers"] * c["decoder_layer"] - c["vision_layers"] * c["vision_layer"]
-    total_7b = rest + FULL_LAYERS * c["decoder_layer"] + FULL_VISION_LAYERS * c["vision_layer"]
-    trained_7b = c["trained"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
+    total_7b, trained_7b = counts_7b(c)
     per_param = total_7b / c["total"]
     per_layer = FULL_LAYERS / c["decoder_layers"]  # LoRA adapters sit in the decoder layers
     per_trained = per_layer if result["scope"] == "lora" else trained_7b / c["trained"]
@@ -201,18 +223,10 @@ def measure_fsdp(cache, layers: int, steps: int, world: int = 2):
     UE_REHEARSE_FSDP=0 skips it (None)."""
     if os.environ.get("UE_REHEARSE_FSDP") == "0":
         return None
-    path = os.path.join(cache, f"fsdp-npo-full-{layers}.json") if cache else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
     from bench.rehearse_fsdp import fsdp_memory
-    from unlearn_engine.atomic import write_text
 
-    result = fsdp_memory(layers=layers, steps=steps, world=world)
-    if path:
-        write_text(path, json.dumps(result))
-    print(f"measured npo full under FSDP2 on {world} processes", flush=True)
-    return result
+    return cached(cache, f"fsdp-npo-full-{layers}", lambda: fsdp_memory(layers=layers, steps=steps, world=world),
+                  f"npo full under FSDP2 on {world} processes")
 
 
 def project_fsdp(fsdp: dict, one_process: dict) -> dict:
@@ -223,9 +237,7 @@ def project_fsdp(fsdp: dict, one_process: dict) -> dict:
     runs (this one and the prefetched next: two decoder layers in bf16, arithmetic)."""
     rank = max(fsdp["ranks"], key=lambda r: sum(r["held_bytes"].values()))
     c, held = one_process["counts"], rank["held_bytes"]
-    trained_7b = c["trained"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
-    total_7b = (c["total"] + (FULL_LAYERS - c["decoder_layers"]) * c["decoder_layer"]
-                + (FULL_VISION_LAYERS - c["vision_layers"]) * c["vision_layer"])
+    total_7b, trained_7b = counts_7b(c)
     per_trained = trained_7b / rank["trained_params"]
     frozen_here = rank["total_params"] - rank["trained_params"]
     device = dict(weights=held["trained_weights"] * per_trained, masters=held["masters"] * per_trained,
@@ -284,17 +296,10 @@ def main(argv):
     cache = argv[argv.index("--probes") + 1] if "--probes" in argv else None
 
     def measure(method, scope, n_layers):
-        """One probe in a fresh process; with --probes DIR its JSON line is kept there and reused by a rerun."""
-        path = os.path.join(cache, f"{method}-{scope}-{n_layers}.json") if cache else None
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        result = probe_in_subprocess("bench.rehearse", ["--probe", method, scope, n_layers, steps])
-        if path:
-            os.makedirs(cache, exist_ok=True)
-            write_text(path, json.dumps(result))
-        print(f"measured {method} {scope} at {n_layers} layers", flush=True)
-        return result
+        """One probe in a fresh process (kept in --probes DIR)."""
+        return cached(cache, f"{method}-{scope}-{n_layers}",
+                      lambda: probe_in_subprocess("bench.rehearse", ["--probe", method, scope, n_layers, steps]),
+                      f"{method} {scope} at {n_layers} layers")
 
     rows = [measure(m, s, layers) for m, s in RUNS[:1]]
     deeper = measure(*SLOPE_RUN, layers + 1)

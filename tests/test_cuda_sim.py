@@ -12,8 +12,6 @@ import sys
 import pytest
 import torch
 
-import unlearn_engine  # noqa: F401  (registers torch.ops.unlearn_engine: the CPU kernels compared against)
-
 from conftest import load_simulator
 
 _C_sim = load_simulator()
