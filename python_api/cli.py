@@ -98,7 +98,7 @@ def _config_flags(parser):
         choices = choices_of(f)
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=f.type, choices=choices,
                            default=argparse.SUPPRESS, metavar=f.type.__name__.upper() if not choices else None,
-                           help=f"{f.metadata['help']} (default: {f.default})")
+                           help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))  # not a format
 
 
 def build_parser():

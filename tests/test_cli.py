@@ -64,6 +64,14 @@ def test_help_exits_0_and_lists_flags(command, capsys):
     assert out.startswith("usage: unlearn-engine" + (f" {command}" if command else ""))
     for flag in HELP_FLAGS[command]:
         assert flag in out, flag
+    # a help text's "%" printed as such, not read as a format (it once printed argparse's whole action dict)
+    assert "'option_strings'" not in out and "<argparse." not in out
+
+
+def test_help_keeps_a_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    assert "~0.4% relative rounding" in " ".join(capsys.readouterr().out.split())
 
 
 # ---------------------------------------------------------------- info
