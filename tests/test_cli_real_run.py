@@ -166,11 +166,24 @@ def test_summary_table_keeps_columns_apart():
 
 # ---------------------------------------------------------------- 7: divergence
 @pytest.mark.parametrize("lr", ["3", "30"])
-def test_divergence_warns_once_and_stops_on_non_finite(lr, tiny_llava_dir, tmp_path, capsys):
+def test_divergence_warns_once_and_stops_on_non_finite(lr, tiny_llava_dir, tmp_path, capsys, monkeypatch):
     """Catches a run whose retain NLL explodes exiting 0 without a word, a warning per step, and a run gone
     non-finite ending in an internal error (exit 1) or saving its model: at --lr 3 the retain NLL grows 25x and the
-    CLI warns once (exit 0, `divergence` in the summary); at --lr 30 it warns once, then stops with exit 2 and one
-    error line, no model saved and the checkpoints written before kept, none holding a NaN."""
+    CLI warns once (exit 0, `divergence` in the summary); at --lr 30 it grows ~3000x and warns once, then, its body
+    made to overflow from the third step on (NaN hidden states: at this lr in fp32 Adam keeps every value finite,
+    the eager reference loss and the fused one alike), stops with exit 2 and one error line, no model saved and the
+    checkpoints written before kept, none holding a NaN."""
+    if lr == "30":
+        import unlearn_engine.api.unlearner as unlearner_module
+
+        calls = []
+
+        def overflowing(hidden, *args, **kwargs):
+            calls.append(1)
+            return fused(hidden * float("nan") if len(calls) >= 3 else hidden, *args, **kwargs)
+
+        fused = unlearner_module.unlearning_loss
+        monkeypatch.setattr(unlearner_module, "unlearning_loss", overflowing)
     out = tmp_path / "out"
     argv = unlearn_argv(tiny_llava_dir, tmp_path, out, "--method", "gd", "--lr", lr, "--steps", "6",
                         "--checkpoint-every", "1", "--keep-checkpoints", "0", "--json")

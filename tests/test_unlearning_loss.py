@@ -505,6 +505,30 @@ def test_banned_tokens_with_minus_inf_bias(device, forget, retain):
     assert (fused[3][2][banned.to(device)] == 0).all()  # no gradient reaches a banned token's bias
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("forget,retain", [("ga", "nll"), ("npo", "kl")])
+def test_cpu_row_pass_vocabulary_ranges(threads, forget, retain):
+    """The CPU row pass splits the vocabulary into one range per thread and combines each range's running max and
+    sum of exp. A bias of -inf over the first 600 tokens (a whole range at 2 or 3 threads, so that range holds
+    nothing but banned tokens and must add nothing, not NaN), odd V and chunk sizes (a tile of 16 rows straddles
+    the range ends): reference values and gradients at every thread count."""
+    case = make_case("cpu")
+    banned = torch.arange(600)
+    case["labels"][(case["labels"] >= 0) & (case["labels"] < 600)] = 777
+    case["bias"][banned] = float("-inf")
+    case["ref_bias"] = case["bias"].clone()
+    options = dict(forget=forget, retain=retain)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = run(ue.unlearning_loss, case, chunk_size=13, **options)
+    finally:
+        torch.set_num_threads(before)
+    ref = reference(case, **options)
+    assert torch.isfinite(ref[0])
+    assert_matches(fused, ref, torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("v", [29, 1031])
 def test_a_plus_inf_logit_makes_its_row_nan_on_every_device(device, v):

@@ -14,7 +14,8 @@
 namespace unlearn_engine {
 
 struct RowPass {
-  at::Tensor logits;      // (C, V), contiguous; overwritten with the gradient when coef_logp is defined
+  at::Tensor logits;      // (C, V): row-major for CUDA, column-major (strides (1, >= C)) on the CPU; overwritten
+                          // with the gradient when coef_logp is defined
   at::Tensor ref_logits;  // (C, V) or undefined
   at::Tensor labels;      // (C,) int64
   at::Tensor coef_logp;   // (C,) float32 or undefined (no gradient wanted)
