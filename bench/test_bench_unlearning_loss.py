@@ -16,12 +16,15 @@ from unlearning_loss_case import (
     flop_count,
     fused_loss,
     gradient_bytes,
+    lm_head_gemms,
     make_inputs,
     measured_gemm_flop,
     peer_impls,
     step,
     supports,
 )
+
+from unlearn_engine.fused_logprob import default_chunk_size
 
 from common import FRESH_MAPPINGS, interleaved_min_times, load_average, probe_in_subprocess
 
@@ -51,8 +54,15 @@ NPO_OVER_GA_MAX = 1.05
 def test_unlearning_loss_fwd_bwd(results, forget, retain, n, h, v):
     args, kwargs = make_inputs(forget, retain, n, h, v, getattr(torch, DTYPE), DEVICE)
     impls = [impl for impl in OURS + PEERS if supports(impl, forget, retain)]
+    # The floors, timed in the same rounds: eager's LM-head GEMMs alone and (CPU) the fused walk's chunked ones.
+    floors = {"gemms_eager": lambda: lm_head_gemms(args, kwargs)}
+    if DEVICE == "cpu":
+        chunk = default_chunk_size(n, v, torch.device(DEVICE), element_size=getattr(torch, DTYPE).itemsize,
+                                   with_ref=retain == "kl")
+        floors["gemms_walk"] = lambda: lm_head_gemms(args, kwargs, chunk)
     load_before = load_average()
-    times = interleaved_min_times({impl: (lambda impl=impl: step(impl, args, kwargs)) for impl in impls},
+    times = interleaved_min_times({**{impl: (lambda impl=impl: step(impl, args, kwargs)) for impl in impls},
+                                   **floors},
                                   rounds=ROUNDS, warmup=1, sync=torch.cuda.synchronize if DEVICE == "cuda" else None)
     load_after = load_average()
     grads = gradient_bytes(args)
@@ -72,6 +82,12 @@ def test_unlearning_loss_fwd_bwd(results, forget, retain, n, h, v):
             flop=flop, tflops=flop / time_s / 1e12,
             model_tflops=flop_count("eager", forget, retain, n, h, v) / time_s / 1e12,
             load_average_before=load_before, load_average_after=load_after)
+    for name in floors:
+        flop = flop_count("eager", forget, retain, n, h, v)
+        results("unlearning_loss").add(
+            case=case, impl=name, shape=dict(N=n, H=h, V=v, dtype=DTYPE), device=DEVICE,
+            time_s=times[name]["min_s"], times_s=times[name]["times_s"], rounds=ROUNDS, flop=flop,
+            tflops=flop / times[name]["min_s"] / 1e12, load_average_before=load_before, load_average_after=load_after)
     results("unlearning_loss").write()  # after every case: a long run cut short keeps what it measured
 
 
@@ -101,7 +117,17 @@ def test_targets_and_npo_costs_what_ga_costs(results):
         over_ga = row["time_s"] / ga["time_s"] if ga and forget == "npo" else None
         if over_ga is not None:
             checks[f"<= {NPO_OVER_GA_MAX}x fused GA"] = over_ga <= NPO_OVER_GA_MAX
+        # The floor: eager's GEMMs alone, over eager's whole step. A time target below it asks for less than eager's
+        # own GEMMs take (reachable only by GEMMs faster than the vendor BLAS at full size).
+        floor = rows.get((objective, "gemms_eager", shape))
+        walk = rows.get((objective, "gemms_walk", shape))
+        floor_over_eager = floor["time_s"] / eager["time_s"] if floor and eager else None
         summary.add(case=f"{objective} {shape}", impl="fused", device=DEVICE, time_s=row["time_s"],
+                    gemms_eager_over_eager=floor_over_eager,
+                    gemms_eager_over_fastest_compiled=floor["time_s"] / (row["time_s"] / over_compiled)
+                    if floor and over_compiled else None,
+                    over_gemms_eager=row["time_s"] / floor["time_s"] if floor else None,
+                    over_gemms_walk=row["time_s"] / walk["time_s"] if walk else None,
                     over_eager=over_eager, over_compile=row.get("over_compile"),
                     over_cce_compile=row.get("over_cce_compile"), over_fastest_compiled=over_compiled,
                     workspace_over_eager=workspace_over_eager, over_fused_ga=over_ga,
@@ -137,6 +163,9 @@ def test_flop_count_matches_what_each_path_does(forget, retain):
     measured = measured_gemm_flop(lambda: step("capturable", args, kwargs))
     assert measured == flop_count("capturable", forget, retain, n, h, v)
     assert measured == expected + (2 * n * h * v if forget == "npo" else 0)
+    # the floors do eager's GEMMs, whole or in chunks
+    assert measured_gemm_flop(lambda: lm_head_gemms(args, kwargs)) == expected
+    assert measured_gemm_flop(lambda: lm_head_gemms(args, kwargs, chunk_size=5)) == expected
 
 
 @pytest.mark.parametrize("forget,retain", OBJECTIVES)

@@ -153,6 +153,29 @@ def step(impl, args, kwargs):
     return loss
 
 
+def lm_head_gemms(args, kwargs, chunk_size=None):
+    """The LM-head GEMMs of one forward + backward and nothing else, the floor under any implementation that does
+    them through the vendor BLAS: the logits (and, for retain="kl", the reference logits), dL/dh and dL/dW, on the
+    logits themselves standing in for their gradient. chunk_size=None: eager's full-size GEMMs, h W^T, G W, G^T h.
+    Else the fused CPU walk's: per chunk W h^T (logits column-major), then dz W and dW += dz^T h."""
+    hidden, weight = args[0].detach(), args[1].detach()
+    ref = (kwargs["ref_hidden"], kwargs["ref_weight"]) if kwargs.get("retain") == "kl" else None
+    if chunk_size is None:
+        z = hidden @ weight.t()
+        if ref:
+            ref[0] @ ref[1].t()
+        return z @ weight, z.t() @ hidden
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start:start + chunk_size]
+        z_t = weight @ h.t()
+        if ref:
+            ref[1] @ ref[0][start:start + chunk_size].t()
+        grad_hidden[start:start + chunk_size] = z_t.t() @ weight
+        grad_weight.addmm_(z_t, h)
+    return grad_hidden, grad_weight
+
+
 def _peak_memory(impl, forget, retain, n, h, v, dtype, device):
     """Peak extra memory of one step after a warm-up step (a compiled peer compiles there; every impl gets the same
     warm-up). The probe's process runs with a fixed glibc mmap threshold (probe_in_subprocess), so buffers freed by
