@@ -22,14 +22,14 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 
 # UE_BUILD_CUDA=auto (a plain `make bench`, `make demo`) takes an up-to-date UE_BUILD_CUDA=1 build (`make test` in CI
 # mode) as it is: the CUDA build has every CPU kernel too, and rebuilding it costs 5-15 minutes.
+INSTALL_EDITABLE = MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	@if [ "$(UE_BUILD_CUDA)" = auto ] && [ -f $(VENV)/.built-cuda-1 ] && \
 		[ -z "$$(find $(DEPS_STAMP) $(SOURCES) -newer $(VENV)/.built-cuda-1 | head -1)" ]; then \
 		echo "make: using the UE_BUILD_CUDA=1 build"; touch $@; \
 	else \
 		rm -f $(VENV)/.built-cuda-*; \
-		echo "MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e ."; \
-		MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $@; \
+		echo '$(INSTALL_EDITABLE)'; $(INSTALL_EDITABLE) && touch $@; \
 	fi
 
 build: $(BUILD_STAMP)

@@ -176,13 +176,12 @@ def test_divergence_warns_once_and_stops_on_non_finite(lr, tiny_llava_dir, tmp_p
     if lr == "30":
         import unlearn_engine.api.unlearner as unlearner_module
 
-        calls = []
+        fused, calls = unlearner_module.unlearning_loss, []
 
         def overflowing(hidden, *args, **kwargs):
             calls.append(1)
             return fused(hidden * float("nan") if len(calls) >= 3 else hidden, *args, **kwargs)
 
-        fused = unlearner_module.unlearning_loss
         monkeypatch.setattr(unlearner_module, "unlearning_loss", overflowing)
     out = tmp_path / "out"
     argv = unlearn_argv(tiny_llava_dir, tmp_path, out, "--method", "gd", "--lr", lr, "--steps", "6",

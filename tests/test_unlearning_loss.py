@@ -510,8 +510,8 @@ def test_banned_tokens_with_minus_inf_bias(device, forget, retain):
 def test_cpu_row_pass_vocabulary_ranges(threads, forget, retain):
     """The CPU row pass splits the vocabulary into one range per thread and combines each range's running max and
     sum of exp. A bias of -inf over the first 600 tokens (a whole range at 2 or 3 threads, so that range holds
-    nothing but banned tokens and must add nothing, not NaN), odd V and chunk sizes (a tile of 16 rows straddles
-    the range ends): reference values and gradients at every thread count."""
+    nothing but banned tokens and must add nothing, not NaN), odd V and chunk sizes (each range ends in a tile of
+    fewer than 16 rows): reference values and gradients at every thread count."""
     case = make_case("cpu")
     banned = torch.arange(600)
     case["labels"][(case["labels"] >= 0) & (case["labels"] < 600)] = 777

@@ -58,7 +58,7 @@ void check_token_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, co
 
 // A chunk's (C, V) logits. On the CPU they are made transposed, z^T = W h^T (V x C), and handed on as its (C, V)
 // view, column-major: MKL runs the three GEMMs of a chunk ~10% faster in that layout (W h^T against h W^T, and
-// dW += dz^T h with dz^T contiguous; bench/README.md), and the CPU row pass reads 16 tokens per load. CUDA kernels
+// dW += dz^T h with dz^T contiguous; README.md, Benchmarks), and the CPU row pass loads consecutive tokens. CUDA kernels
 // (the simulator's too) take row-major logits.
 at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const OptTensor& bias) {
   if (!uses_cuda_kernels(h.device()))
